@@ -1,0 +1,1 @@
+"""Backplanes: the `Log` interface and its implementations (memory; NATS JetStream)."""

@@ -1,0 +1,243 @@
+"""`MemoryLog`: the embedded mode's log. One process, no dependencies, bounded retention.
+
+Events live in one list in seq order; seq is contiguous across the whole log (one global
+counter), so the event with seq ``s`` sits at index ``s - self._base_seq``. Trimming advances a
+head index and compacts the list now and then, so both append and trim are amortised O(1).
+
+To tell a resuming client *precisely* whether it lost something, the log remembers, per topic,
+the highest seq it has trimmed (a watermark). A quiet topic is therefore not reported as having
+a gap just because a busy topic rolled the window. The watermarks are bounded: past
+``max_watermark_topics`` the oldest are folded into one conservative floor.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import trio
+
+from broker.backplane.base import (
+    AppendRequest,
+    AppendResult,
+    EventsHandler,
+    LogStatistics,
+    ReadResult,
+)
+from broker.model import Event, Filter, Gap, event_size
+
+# Reads look at no more than this many events per call, matching or not, so that a filtered
+# read of a quiet topic in a busy log cannot hold the event loop for long.
+MAX_SCAN_PER_READ = 50_000
+
+
+def new_epoch() -> str:
+    """A fresh, short, URL-safe incarnation token."""
+    return secrets.token_hex(4)
+
+
+class MemoryLog:
+    def __init__(
+        self,
+        *,
+        retention_messages: int = 1_000_000,
+        retention_bytes: int = 256 * 1024 * 1024,
+        retention_seconds: float = 3600.0,
+        dedupe_window_seconds: float = 120.0,
+        max_watermark_topics: int = 100_000,
+        max_dedupe_keys: int = 1_000_000,  # a memory bound: ~150 MB of keys at most
+        clock: Callable[[], float] = time.time,
+        epoch: str | None = None,
+    ) -> None:
+        self._retention_messages = retention_messages
+        self._retention_bytes = retention_bytes
+        self._retention_seconds = retention_seconds
+        self._dedupe_window_seconds = dedupe_window_seconds
+        self._max_watermark_topics = max_watermark_topics
+        self._max_dedupe_keys = max_dedupe_keys
+        self._clock = clock
+        self._epoch = epoch or new_epoch()
+        self._events: list[Event] = []
+        self._head = 0  # index of the oldest retained event in _events
+        self._base_seq = 1  # seq of _events[0]
+        self._next_seq = 1
+        self._bytes = 0
+        self._watermarks: OrderedDict[str, int] = OrderedDict()  # topic -> highest trimmed seq
+        self._watermark_floor = 0  # every trimmed seq <= floor may belong to any topic
+        self._dedupe: OrderedDict[str, tuple[int, float]] = OrderedDict()  # key -> (seq, time)
+        self._handlers: list[EventsHandler] = []
+        self._trimmed = 0
+        self._duplicates = 0
+
+    # -- the Log interface -------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> str:
+        return self._epoch
+
+    @property
+    def first_seq(self) -> int:
+        return self._base_seq + self._head
+
+    @property
+    def last_seq(self) -> int:
+        return self._next_seq - 1
+
+    async def append(self, requests: Sequence[AppendRequest]) -> list[AppendResult]:
+        return self.append_nowait(requests)
+
+    def append_nowait(self, requests: Sequence[AppendRequest]) -> list[AppendResult]:
+        now = self._clock()
+        self._expire_dedupe(now)
+        results: list[AppendResult] = []
+        stored: list[Event] = []
+        batch_keys: dict[str, int] = {}
+        for request in requests:
+            key = request.key
+            if key is not None:
+                seen = batch_keys.get(key)
+                if seen is None and key in self._dedupe:
+                    seen = self._dedupe[key][0]
+                if seen is not None:
+                    self._duplicates += 1
+                    results.append(AppendResult(seen, duplicate=True))
+                    continue
+            event = Event(
+                seq=self._next_seq,
+                topic=request.topic,
+                payload=request.payload,
+                content_type=request.content_type,
+                time=now,
+                event=request.event,
+                id=key,
+            )
+            self._next_seq += 1
+            self._events.append(event)
+            self._bytes += event_size(event)
+            stored.append(event)
+            if key is not None:
+                batch_keys[key] = event.seq
+                self._dedupe[key] = (event.seq, now)
+            results.append(AppendResult(event.seq))
+        self._trim(now)
+        if stored:
+            for handler in self._handlers:
+                handler(stored)
+        return results
+
+    async def read(self, filter: Filter, after_seq: int, limit: int) -> ReadResult:
+        return self.read_nowait(filter, after_seq, limit)
+
+    def read_nowait(self, filter: Filter, after_seq: int, limit: int) -> ReadResult:
+        self._trim(self._clock())
+        gap = None
+        # Only trimmed events (all below first_seq) can be lost, so most reads skip the check.
+        lost_to = self._lost_up_to(filter) if after_seq + 1 < self.first_seq else 0
+        if lost_to > after_seq:
+            gap = Gap(after_seq + 1, lost_to)
+            after_seq = lost_to
+        start = max(after_seq + 1, self.first_seq) - self._base_seq
+        stop = min(len(self._events), start + MAX_SCAN_PER_READ)
+        if start >= stop:
+            return ReadResult((), max(after_seq, self.last_seq), gap)
+        events = self._events
+        out: list[Event] = []
+        literals = filter.literals
+        if not filter.wildcards and len(literals) == 1:
+            (topic,) = literals
+            for i in range(start, stop):
+                if events[i].topic == topic:
+                    out.append(events[i])
+                    if len(out) >= limit:
+                        stop = i + 1
+                        break
+        else:
+            matches: dict[str, bool] = {}
+            for i in range(start, stop):
+                event = events[i]
+                hit = matches.get(event.topic)
+                if hit is None:
+                    hit = matches[event.topic] = filter.matches(event.topic)
+                if hit:
+                    out.append(event)
+                    if len(out) >= limit:
+                        stop = i + 1
+                        break
+        return ReadResult(out, self._base_seq + stop - 1, gap)
+
+    def on_events(self, handler: EventsHandler) -> None:
+        self._handlers.append(handler)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Trim by age once a second, so an idle broker still frees expired events."""
+        task_status.started()
+        while True:
+            await trio.sleep(1.0)
+            now = self._clock()
+            self._trim(now)
+            self._expire_dedupe(now)
+
+    def statistics(self) -> LogStatistics:
+        return LogStatistics(
+            epoch=self._epoch,
+            first_seq=self.first_seq,
+            last_seq=self.last_seq,
+            retained_events=len(self._events) - self._head,
+            retained_bytes=self._bytes,
+            trimmed_events=self._trimmed,
+            duplicates=self._duplicates,
+        )
+
+    # -- retention ---------------------------------------------------------------------------
+
+    def _trim(self, now: float) -> None:
+        events = self._events
+        oldest_allowed = now - self._retention_seconds
+        head = self._head
+        while head < len(events) and (
+            len(events) - head > self._retention_messages
+            or self._bytes > self._retention_bytes
+            or events[head].time < oldest_allowed
+        ):
+            event = events[head]
+            self._bytes -= event_size(event)
+            self._note_trimmed(event)
+            head += 1
+        self._trimmed += head - self._head
+        self._head = head
+        if head > 1024 and head * 2 > len(events):
+            del events[:head]
+            self._base_seq += head
+            self._head = 0
+
+    def _note_trimmed(self, event: Event) -> None:
+        watermarks = self._watermarks
+        watermarks[event.topic] = event.seq
+        watermarks.move_to_end(event.topic)
+        if len(watermarks) > self._max_watermark_topics:
+            _, seq = watermarks.popitem(last=False)
+            self._watermark_floor = max(self._watermark_floor, seq)
+
+    def _lost_up_to(self, filter: Filter) -> int:
+        """The highest trimmed seq that could have matched ``filter`` (0 if none)."""
+        lost = self._watermark_floor
+        if filter.wildcards:
+            for topic, seq in self._watermarks.items():
+                if seq > lost and filter.matches(topic):
+                    lost = seq
+        else:
+            for topic in filter.literals:
+                lost = max(lost, self._watermarks.get(topic, 0))
+        return lost
+
+    def _expire_dedupe(self, now: float) -> None:
+        dedupe = self._dedupe
+        oldest_allowed = now - self._dedupe_window_seconds
+        while dedupe:
+            key, (_, stamp) = next(iter(dedupe.items()))
+            if stamp >= oldest_allowed and len(dedupe) <= self._max_dedupe_keys:
+                break
+            del dedupe[key]

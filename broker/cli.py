@@ -1,0 +1,66 @@
+"""The command line: ``broker serve``, ``broker pub``, ``broker sub``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+
+import trio
+
+from broker import __version__
+from broker.config import ConfigError, Settings, load_settings
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run a broker node (embedded mode: in-memory log, no other service needed)",
+        description="Every setting can also come from BROKER_<NAME> or a TOML --config file.",
+    )
+    serve.add_argument("--config", help="TOML file of settings (also BROKER_CONFIG)")
+    defaults = Settings()
+    for f in fields(Settings):
+        default = getattr(defaults, f.name)
+        shown = getattr(default, "value", default)
+        serve.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            metavar=type(shown).__name__.upper(),
+            help=f"default {shown}",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="broker", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"broker {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_serve(commands)
+    from broker.client import cli as client_cli
+
+    client_cli.add_commands(commands, default_url=DEFAULT_URL)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        overrides = {f.name: getattr(args, f.name) for f in fields(Settings)}
+        try:
+            settings = load_settings(config_file=args.config, overrides=overrides)
+        except ConfigError as exc:
+            print(f"broker: {exc}", file=sys.stderr)
+            return 2
+        from broker import logs
+        from broker.server import serve_until_signalled
+
+        logs.configure(settings.log_level, settings.log_format)
+        trio.run(serve_until_signalled, settings)
+        return 0
+    from broker.client import cli as client_cli
+
+    return client_cli.run(args)

@@ -1,0 +1,140 @@
+"""Settings: one frozen dataclass with unit-named limits.
+
+Sources, later ones winning: the defaults below, a TOML file (``--config`` or ``BROKER_CONFIG``;
+keys are the field names, at the top level or under ``[broker]``), ``BROKER_<FIELD>``
+environment variables, then command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from broker.subscription import OverflowPolicy
+
+ENV_PREFIX = "BROKER_"
+KiB = 1024
+MiB = 1024 * KiB
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value (reported to the operator at start, never at run time)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080  # 0 picks a free port (tests)
+    # Heartbeats: SSE comment, NDJSON empty line, WS ping. Proxies commonly idle out at 60 s
+    # (nginx proxy_read_timeout); 15 s is the usual SSE keepalive (WHATWG's example, Mercure).
+    heartbeat_seconds: float = 15.0
+    sse_retry_ms: int = 2000  # EventSource's reconnect delay; browsers default to ~3 s
+    # Per-subscription buffer. Centrifugo: client_queue_max_size 1 MiB.
+    buffer_events: int = 10_000
+    buffer_bytes: int = 1 * MiB
+    overflow_policy: OverflowPolicy = OverflowPolicy.CATCHUP
+    catchup_page_events: int = 1000  # events read from the log per catch-up step
+    # Embedded log retention. nchan: nchan_message_timeout 1h; bounded by count and bytes too.
+    retention_messages: int = 1_000_000
+    retention_bytes: int = 256 * MiB
+    retention_seconds: float = 3600.0
+    dedupe_window_seconds: float = 120.0  # JetStream's default duplicate window (2 min)
+    max_payload_bytes: int = 1 * MiB  # NATS' default max_payload
+    max_batch_bytes: int = 16 * MiB
+    max_batch_lines: int = 10_000
+    max_topics_per_subscription: int = 64
+    max_ws_subscriptions: int = 256  # subscriptions on one WebSocket
+    poll_timeout_seconds: float = 30.0  # default wait of a long-poll
+    poll_max_timeout_seconds: float = 60.0
+    poll_limit_events: int = 1000
+    drain_seconds: float = 10.0  # grace for clients to leave on SIGTERM (k8s gives 30 s)
+    log_level: str = "info"
+    log_format: str = "json"  # or "text"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            # written so that NaN, which fails every comparison, is refused too
+            allowed = value > 0 or (value == 0 and f.name in _ZERO_ALLOWED)
+            if not allowed or value == math.inf:
+                raise ConfigError(f"{f.name} must be a finite positive number, got {value}")
+        if self.log_format not in {"json", "text"}:
+            raise ConfigError(f"log_format must be json or text, got {self.log_format!r}")
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ConfigError(f"log_level must be debug/info/warning/error, not {self.log_level!r}")
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+_ZERO_ALLOWED = {"port"}
+_FIELDS = frozenset(f.name for f in fields(Settings))
+
+
+def _convert(name: str, raw: object) -> object:
+    """Turn a TOML value or an environment string into the field's type."""
+    if name not in _FIELDS:
+        raise ConfigError(f"unknown setting {name!r}")
+    default = getattr(Settings(), name)
+    if not isinstance(raw, str | int | float) or isinstance(raw, bool):
+        raise ConfigError(f"{name}: expected a {type(default).__name__}, got {raw!r}")
+    try:
+        if isinstance(default, OverflowPolicy):
+            return OverflowPolicy(str(raw).lower())
+        if isinstance(default, int):
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError(raw)
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        return str(raw)
+    except ValueError as exc:
+        choices = ""
+        if isinstance(default, OverflowPolicy):
+            choices = " (one of " + ", ".join(p.value for p in OverflowPolicy) + ")"
+        raise ConfigError(f"{name}: cannot use {raw!r}{choices}") from exc
+
+
+def load_settings(
+    *,
+    config_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Settings:
+    environ = os.environ if environ is None else environ
+    known = {f.name for f in fields(Settings)}
+    values: dict[str, object] = {}
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        try:
+            document = tomllib.loads(Path(config_file).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+        table = document
+        if "broker" in document:
+            table = document["broker"]
+            others = sorted(set(document) - {"broker"})
+            if others or not isinstance(table, dict):
+                raise ConfigError(
+                    f"{config_file}: put every setting under [broker] (found {others or 'broker'})"
+                )
+        for key, raw in table.items():
+            if key not in known:
+                raise ConfigError(f"unknown setting {key!r} in {config_file}")
+            values[key] = _convert(key, raw)
+    for key in known:
+        raw_env = environ.get(ENV_PREFIX + key.upper())
+        if raw_env is not None:
+            values[key] = _convert(key, raw_env)
+    for key, raw in (overrides or {}).items():
+        if raw is not None:
+            values[key] = _convert(key, raw)
+    return Settings(**values)  # type: ignore[arg-type]

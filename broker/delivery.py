@@ -1,0 +1,229 @@
+"""Getting events onto sockets: the router task, the `Sink` seam, and each connection's writer.
+
+- `Router` moves new events from the log into the hub a tick at a time: everything that arrived
+  while it was away is routed as one batch (so runs are long and encodes are shared), at most
+  ``max_events_per_turn`` per turn, with a checkpoint between turns so that a saturated broker
+  still accepts connections.
+- `Sink` is where bytes go. ``write_nowait`` is the fast path (a non-blocking socket write,
+  returning False when it would block); ``write`` is the awaitable fallback. The ASGI sinks
+  here only have the fallback.
+- `Outlet` is one connection's delivery end: its subscriptions, its sink, and the writer loop
+  that drains everything pending into one write, replays the log for subscriptions in catch-up,
+  and sends heartbeats after a silence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import trio
+
+from broker.backplane.base import Log
+from broker.encoding import Format, Run
+from broker.hub import Hub
+from broker.model import Event, Gap, Reset
+from broker.subscription import CloseReason, Item, State, Subscription
+
+
+class Sink(Protocol):
+    def write_nowait(self, data: bytes) -> bool:
+        """Write all of ``data`` now if that cannot block; False (nothing written) otherwise."""
+        ...
+
+    async def write(self, data: bytes) -> None: ...
+
+
+class Framing:
+    """How a transport turns subscription items into writes.
+
+    Byte streams (SSE, NDJSON) join everything into one write; message transports (WebSocket)
+    produce one write per frame.
+    """
+
+    def __init__(
+        self,
+        fmt: Format,
+        *,
+        gap: Callable[[Subscription, Gap], bytes],
+        reset: Callable[[Subscription, Reset], bytes],
+        joined: bool,
+    ) -> None:
+        self.fmt = fmt
+        self._gap = gap
+        self._reset = reset
+        self.joined = joined
+
+    def render(self, sub: Subscription, items: Sequence[Item | Event]) -> list[bytes]:
+        fmt = self.fmt
+        frames: list[bytes] = []
+        for item in items:
+            if isinstance(item, Run):
+                if self.joined:
+                    frames.append(item.joined(fmt))
+                else:
+                    frames.extend(item.frames(fmt))
+            elif isinstance(item, Event):
+                frames.append(fmt.encode(item))
+            elif isinstance(item, Gap):
+                frames.append(self._gap(sub, item))
+            else:
+                frames.append(self._reset(sub, item))
+        if self.joined and len(frames) > 1:
+            return [b"".join(frames)]
+        return frames
+
+
+class Router:
+    """Feeds the hub from the log, one batch per scheduler tick."""
+
+    def __init__(self, hub: Hub, *, max_events_per_turn: int = 20_000) -> None:
+        self._hub = hub
+        self._max = max_events_per_turn
+        self._pending: list[Event] = []
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def enqueue(self, events: Sequence[Event]) -> None:
+        """The log's handler: synchronous, never blocks."""
+        self._pending.extend(events)
+        if len(self._lot):
+            self._lot.unpark_all()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            if not self._pending:
+                await self._lot.park()
+            batch, self._pending = self._pending, []
+            for start in range(0, len(batch), self._max):
+                self._hub.route(batch[start : start + self._max])
+                await trio.lowlevel.checkpoint()
+
+
+class Outlet:
+    """One client connection's writer: several subscriptions (WebSocket) or one (SSE, NDJSON)."""
+
+    def __init__(
+        self,
+        *,
+        hub: Hub,
+        log: Log,
+        sink: Sink,
+        framing: Framing,
+        transport: str,
+        heartbeat: bytes | None,
+        heartbeat_seconds: float,
+        page_events: int,
+        on_delivered: Callable[[str, int], None] = lambda transport, n: None,
+    ) -> None:
+        self.hub = hub
+        self.log = log
+        self.sink = sink
+        self.framing = framing
+        self.transport = transport
+        self._heartbeat = heartbeat
+        self._heartbeat_seconds = heartbeat_seconds if heartbeat is not None else math.inf
+        self._page_events = page_events
+        self._on_delivered = on_delivered
+        self._lot = trio.lowlevel.ParkingLot()
+        self.subscriptions: dict[str, Subscription] = {}
+        self.draining = False
+        self._greetings: list[bytes] = []
+
+    # -- subscriptions ---------------------------------------------------------------------
+
+    def attach(self, sub: Subscription, *, greeting: Sequence[bytes] = ()) -> None:
+        """Start delivering ``sub``; ``greeting`` (e.g. a reset frame) goes out first."""
+        self.subscriptions[sub.id] = sub
+        sub.wake = self._wake
+        self._greetings.extend(greeting)
+        self.hub.add(sub)
+        self._wake()
+
+    def detach(self, sub_id: str, reason: CloseReason = CloseReason.UNSUBSCRIBED) -> None:
+        sub = self.subscriptions.pop(sub_id, None)
+        if sub is not None:
+            self.hub.discard(sub)
+            sub.close(reason)
+
+    def close(self, reason: CloseReason = CloseReason.GONE) -> None:
+        """Release every subscription (always safe; called from ``finally``)."""
+        for sub_id in list(self.subscriptions):
+            self.detach(sub_id, reason)
+
+    def drain(self) -> None:
+        self.draining = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if len(self._lot):
+            self._lot.unpark_all()
+
+    # -- the writer --------------------------------------------------------------------------
+
+    async def run(self) -> CloseReason:
+        """Deliver until a subscription is closed for the whole connection or we drain.
+
+        Cancellation can land only at the top of the loop or while parked or reading, never
+        between a write and the position update that goes with it: a long-poll relies on it.
+        """
+        progressed = False
+        while True:
+            if progressed:
+                await trio.lowlevel.checkpoint()  # fairness: a busy writer still yields
+            if self.draining:
+                return CloseReason.DRAINING
+            if self._greetings:
+                greetings, self._greetings = self._greetings, []
+                await self._write(greetings)
+                progressed = True
+                continue
+            progressed = False
+            for sub in list(self.subscriptions.values()):
+                if sub.state is State.CLOSED:
+                    if sub.close_reason is CloseReason.SLOW_CONSUMER:
+                        return CloseReason.SLOW_CONSUMER
+                elif sub.state is State.CATCHUP:
+                    await self._catch_up(sub)
+                    progressed = True
+                elif sub.has_pending:
+                    items = sub.take()
+                    delivered = sum(len(i.events) for i in items if isinstance(i, Run))
+                    await self._write(self.framing.render(sub, items))
+                    self._count(sub, delivered)
+                    progressed = True
+            if not progressed:
+                # No await since the checks above, so no wake-up can have been missed.
+                with trio.move_on_after(self._heartbeat_seconds) as scope:
+                    await self._lot.park()
+                if scope.cancelled_caught and self._heartbeat is not None:
+                    await self._write([self._heartbeat])
+
+    async def _catch_up(self, sub: Subscription) -> None:
+        """Write one page of history; re-join live when it reaches the hub's routed edge."""
+        result = await self.log.read(sub.filter, sub.position, self._page_events)
+        if sub.state is not State.CATCHUP:  # closed while we read
+            return
+        items: list[Item | Event] = []
+        if result.gap is not None:
+            items.append(result.gap)
+        items.extend(result.events)
+        if items:
+            await self._write(self.framing.render(sub, items))
+        else:
+            await trio.lowlevel.checkpoint()  # a scan that found nothing must still yield
+        sub.advance(result.scanned_to, result.gap)
+        self._count(sub, len(result.events))
+        sub.try_go_live(self.hub.routed_seq)
+
+    async def _write(self, frames: Sequence[bytes]) -> None:
+        sink = self.sink
+        for frame in frames:
+            if not sink.write_nowait(frame):
+                await sink.write(frame)
+
+    def _count(self, sub: Subscription, delivered: int) -> None:
+        if delivered:
+            sub.delivered_events += delivered
+            self._on_delivered(self.transport, delivered)

@@ -1,0 +1,88 @@
+"""Encode once, share everywhere. Pure.
+
+The unit of delivery is a `Run`: consecutive events of one topic that were routed together
+(in one tick). Every subscriber of that topic gets the *same* `Run` object, and each transport's
+bytes for it are computed on first use and cached on the run, so N subscribers of one transport
+cost one encode and N writes. Measured (docs/decisions.md): joining per topic per tick is what
+moves one core from ~50 k to ~200 k+ deliveries/s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+from broker.model import Event, event_size
+
+
+class Format:
+    """A transport's per-event encoder. Compared by identity: one instance per log epoch."""
+
+    __slots__ = ("encode", "name")
+
+    def __init__(self, name: str, encode: Callable[[Event], bytes]) -> None:
+        self.name = name
+        self.encode = encode
+
+    def __repr__(self) -> str:
+        return f"Format({self.name!r})"
+
+
+class Run:
+    """Consecutive events of one topic, in seq order, with their frames encoded once per format."""
+
+    __slots__ = ("_frames", "_joined", "events", "nbytes", "topic")
+
+    def __init__(self, topic: str, events: Sequence[Event]) -> None:
+        self.topic = topic
+        self.events = events
+        self.nbytes = sum(event_size(e) for e in events)
+        self._frames: dict[Format, list[bytes]] = {}
+        self._joined: dict[Format, bytes] = {}
+
+    @property
+    def first_seq(self) -> int:
+        return self.events[0].seq
+
+    @property
+    def last_seq(self) -> int:
+        return self.events[-1].seq
+
+    def frames(self, fmt: Format) -> list[bytes]:
+        """One frame per event (for message-oriented transports: WebSocket, gRPC)."""
+        frames = self._frames.get(fmt)
+        if frames is None:
+            frames = self._frames[fmt] = [fmt.encode(e) for e in self.events]
+        return frames
+
+    def joined(self, fmt: Format) -> bytes:
+        """All frames as one buffer (for byte streams: SSE, NDJSON)."""
+        data = self._joined.get(fmt)
+        if data is None:
+            frames = self.frames(fmt)
+            data = self._joined[fmt] = frames[0] if len(frames) == 1 else b"".join(frames)
+        return data
+
+    def after(self, seq: int) -> Run:
+        """The events of this run with seq > ``seq`` (a new run; frames are not shared)."""
+        return Run(self.topic, [e for e in self.events if e.seq > seq])
+
+    def __repr__(self) -> str:
+        return f"Run({self.topic!r}, {self.first_seq}..{self.last_seq}, n={len(self.events)})"
+
+
+def split_runs(events: Iterable[Event]) -> list[Run]:
+    """Cut a seq-ordered batch into maximal runs of one topic, keeping the global order."""
+    runs: list[Run] = []
+    topic: str | None = None
+    current: list[Event] = []
+    for event in events:
+        if event.topic != topic:
+            if current:
+                runs.append(Run(current[0].topic, current))
+            topic = event.topic
+            current = [event]
+        else:
+            current.append(event)
+    if current:
+        runs.append(Run(current[0].topic, current))
+    return runs

@@ -1,0 +1,210 @@
+"""A broker node: the state every transport shares (log, hub, router, formats, open outlets),
+and the two operations they all need: open a subscription at a position, and publish."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+
+import trio
+
+from broker.backplane.base import AppendRequest, AppendResult, Log
+from broker.config import Settings
+from broker.delivery import Framing, Outlet, Router, Sink
+from broker.encoding import Format
+from broker.errors import Problem, RequestError, Unavailable
+from broker.hub import Hub
+from broker.metrics import Metrics
+from broker.model import Event, Filter, Gap, Position, Reset
+from broker.subscription import OverflowPolicy, Subscription
+from broker.wire import ndjson, sse, ws
+
+START_CHOICES = ("earliest", "latest")
+
+
+class Framings:
+    """The per-transport encoders of one log epoch: each event is encoded once per transport."""
+
+    def __init__(self, epoch: str) -> None:
+        self.epoch = epoch
+        self.sse = Framing(
+            Format("sse", partial(sse.encode_event, epoch=epoch)),
+            gap=lambda sub, g: sse.encode_gap(g.from_seq, g.to_seq, epoch),
+            reset=lambda sub, r: sse.encode_reset(r.epoch),
+            joined=True,
+        )
+        self.ndjson = Framing(
+            Format("ndjson", ndjson.encode_event),
+            gap=lambda sub, g: ndjson.encode_control("gap", from_seq=g.from_seq, to_seq=g.to_seq),
+            reset=lambda sub, r: ndjson.encode_control("reset", epoch=r.epoch),
+            joined=True,
+        )
+        self.ws = {
+            codec: Framing(
+                Format(codec.value, _ws_event_encoder(codec)),
+                gap=partial(_ws_gap, codec),
+                reset=partial(_ws_reset, codec),
+                joined=False,
+            )
+            for codec in ws.Codec
+        }
+
+
+def _ws_event_encoder(codec: ws.Codec) -> Callable[[Event], bytes]:
+    if codec is ws.Codec.JSON:
+        return lambda event: ws.encode_event_json(event).encode()
+    return ws.encode_event_msgpack
+
+
+def _as_bytes(frame: str | bytes) -> bytes:
+    return frame.encode() if isinstance(frame, str) else frame
+
+
+def _ws_gap(codec: ws.Codec, sub: Subscription, gap: Gap) -> bytes:
+    return _as_bytes(
+        ws.encode_frame(
+            codec, {"type": "gap", "sub": sub.id, "from_seq": gap.from_seq, "to_seq": gap.to_seq}
+        )
+    )
+
+
+def _ws_reset(codec: ws.Codec, sub: Subscription, reset: Reset) -> bytes:
+    return _as_bytes(ws.encode_frame(codec, {"type": "reset", "sub": sub.id, "epoch": reset.epoch}))
+
+
+class Node:
+    def __init__(self, settings: Settings, log: Log) -> None:
+        self.settings = settings
+        self.log = log
+        self.hub = Hub(routed_seq=log.last_seq)
+        self.router = Router(self.hub)
+        log.on_events(self.router.enqueue)
+        self.metrics = Metrics()
+        self.outlets: set[Outlet] = set()
+        self.draining = False
+        self._framings = Framings(log.epoch)
+        self._ids = itertools.count(1)
+        self._outlets_changed = trio.lowlevel.ParkingLot()
+
+    @property
+    def framings(self) -> Framings:
+        if self._framings.epoch != self.log.epoch:
+            self._framings = Framings(self.log.epoch)
+        return self._framings
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining
+
+    def check_available(self) -> None:
+        if self.draining:
+            raise Unavailable("this node is draining; retry on another node")
+
+    # -- subscribe -----------------------------------------------------------------------------
+
+    def parse_filter(self, subjects: Sequence[str]) -> Filter:
+        return Filter.parse(subjects, max_topics=self.settings.max_topics_per_subscription)
+
+    def open_subscription(
+        self,
+        filter: Filter,
+        *,
+        position: Position | None,
+        start: str | None,
+        transport: str,
+        sub_id: str | None = None,
+        buffer_events: int | None = None,
+    ) -> tuple[Subscription, list[Reset]]:
+        """A new subscription positioned as the client asked (not yet attached to the hub).
+
+        Returns the subscription and the control events that must precede its first event.
+        """
+        self.check_available()
+        log = self.log
+        greeting: list[Reset] = []
+        if position is not None:
+            if position.epoch is not None and position.epoch != log.epoch:
+                greeting.append(Reset(log.epoch))
+                seq = 0
+            elif position.seq > log.last_seq:
+                raise RequestError(
+                    Problem.POSITION_AHEAD,
+                    f"position {position} is beyond the log's last seq {log.last_seq}",
+                    last_seq=log.last_seq,
+                )
+            else:
+                seq = position.seq
+        elif start == "earliest":
+            seq = log.first_seq - 1
+        elif start in (None, "latest"):
+            seq = log.last_seq
+        else:
+            raise RequestError(
+                Problem.BAD_PARAMETER, "from must be 'earliest' or 'latest'", name="from"
+            )
+        settings = self.settings
+        sub = Subscription(
+            sub_id or f"s{next(self._ids)}",
+            filter,
+            position=seq,
+            live=seq >= self.hub.routed_seq,
+            buffer_events=buffer_events or settings.buffer_events,
+            buffer_bytes=settings.buffer_bytes,
+            policy=OverflowPolicy(settings.overflow_policy),
+            transport=transport,
+        )
+        return sub, greeting
+
+    @contextmanager
+    def outlet(
+        self, sink: Sink, framing: Framing, transport: str, *, page_events: int | None = None
+    ) -> Iterator[Outlet]:
+        """An outlet registered for metrics and drain; always released on exit."""
+        settings = self.settings
+        heartbeat = {"sse": sse.HEARTBEAT, "ndjson": ndjson.HEARTBEAT}.get(transport)
+        outlet = Outlet(
+            hub=self.hub,
+            log=self.log,
+            sink=sink,
+            framing=framing,
+            transport=transport,
+            heartbeat=heartbeat,
+            heartbeat_seconds=settings.heartbeat_seconds,
+            page_events=page_events or settings.catchup_page_events,
+            on_delivered=self.metrics.count_delivered,
+        )
+        self.outlets.add(outlet)
+        self.metrics.count_connection(transport)
+        try:
+            yield outlet
+        finally:
+            for sub in outlet.subscriptions.values():
+                self.metrics.absorb(sub)
+            outlet.close()
+            self.outlets.discard(outlet)
+            self._outlets_changed.unpark_all()
+
+    # -- publish -------------------------------------------------------------------------------
+
+    async def publish(
+        self, requests: Sequence[AppendRequest], transport: str
+    ) -> list[AppendResult]:
+        self.check_available()
+        started = time.perf_counter()
+        results = await self.log.append(requests)
+        self.metrics.count_published(transport, results, time.perf_counter() - started)
+        return results
+
+    async def wait_no_outlets(self) -> None:
+        """Return once every client connection has gone."""
+        while self.outlets:
+            await self._outlets_changed.park()
+
+    def drain(self) -> None:
+        """Stop taking work and ask every connection to leave (they resume elsewhere)."""
+        self.draining = True
+        for outlet in list(self.outlets):
+            outlet.drain()

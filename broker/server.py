@@ -1,0 +1,127 @@
+"""The root of a node: one nursery holding the log, the router and hypercorn; drain on signal.
+
+Shutdown is one sequence: readiness goes false, every connection is told to leave (SSE gets a
+short ``retry`` and its stream ends, WebSocket closes with 1012), we wait until they have left or
+``drain_seconds`` passes, then hypercorn stops and the nursery is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Any, cast
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from broker.backplane.base import Log
+from broker.backplane.memory import MemoryLog
+from broker.config import Settings
+from broker.node import Node
+from broker.transports.asgi import create_app
+from broker.transports.http import create_quart_app
+
+logger = logging.getLogger("broker.server")
+
+
+@dataclass(frozen=True)
+class Running:
+    """What a started server tells its starter."""
+
+    node: Node
+    url: str  # http://127.0.0.1:PORT
+
+
+def memory_log(settings: Settings) -> MemoryLog:
+    return MemoryLog(
+        retention_messages=settings.retention_messages,
+        retention_bytes=settings.retention_bytes,
+        retention_seconds=settings.retention_seconds,
+        dedupe_window_seconds=settings.dedupe_window_seconds,
+    )
+
+
+def hypercorn_config(settings: Settings) -> HypercornConfig:
+    config = HypercornConfig()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.websocket_ping_interval = settings.heartbeat_seconds
+    # a WS publish op carries the payload plus a small envelope (and base64 for binary in JSON)
+    config.websocket_max_message_size = settings.max_payload_bytes * 2 + 64 * 1024
+    config.graceful_timeout = 1.0  # connections have already been drained by then
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
+
+
+class Server:
+    def __init__(self, settings: Settings, log: Log | None = None) -> None:
+        self.settings = settings
+        self.node = Node(settings, log if log is not None else memory_log(settings))
+        self._stop = trio.Event()
+        self._stopped = trio.Event()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        node = self.node
+        app = create_app(node, create_quart_app(node))
+        shutdown = trio.Event()
+        http_done = trio.Event()
+
+        async def serve_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
+            try:
+                await hypercorn_serve(
+                    cast(Any, app),
+                    hypercorn_config(self.settings),
+                    shutdown_trigger=shutdown.wait,
+                    task_status=task_status,
+                )
+            finally:
+                http_done.set()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(node.log.run)
+                await nursery.start(node.router.run)
+                binds = await nursery.start(serve_http)
+                url = binds[0]
+                logger.info("serving", extra={"url": url, "epoch": node.log.epoch})
+                task_status.started(Running(node, url))
+                await self._stop.wait()
+                await self._drain()
+                shutdown.set()
+                with trio.move_on_after(5.0):
+                    await http_done.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._stopped.set()
+            logger.info("stopped")
+
+    async def _drain(self) -> None:
+        node = self.node
+        logger.info("draining", extra={"connections": len(node.outlets)})
+        node.drain()
+        with trio.move_on_after(self.settings.drain_seconds):
+            await node.wait_no_outlets()
+        logger.info("drained", extra={"connections_left": len(node.outlets)})
+
+    def stop(self) -> None:
+        """Begin the graceful shutdown (idempotent)."""
+        self._stop.set()
+
+    async def stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve_until_signalled(settings: Settings) -> None:
+    server = Server(settings)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                logger.info("signal", extra={"signal": signal.Signals(signum).name})
+                server.stop()
+                break
+        await server.stopped()

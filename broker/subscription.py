@@ -1,0 +1,197 @@
+"""One subscription: a filter, a position, a bounded buffer, and what to do when it is full. Pure.
+
+The hub pushes `Run`s in synchronously (`push` never blocks and never grows past the bounds);
+the subscription's writer drains everything pending with `take` and writes it in one go.
+
+States::
+
+    LIVE ──(buffer full, policy catchup)──> CATCHUP ──(read the log up to the live edge)──> LIVE
+      │                                        │
+      └──────────(close / policy disconnect)───┴──> CLOSED
+
+In CATCHUP the buffer is empty and the hub's pushes are ignored: the writer reads the log after
+`position` page by page (`advance`), and re-joins live (`try_go_live`) at the moment its read
+reached everything the hub has routed, so nothing is missed; anything routed twice is dropped
+by seq.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from broker.encoding import Run
+from broker.model import Filter, Gap, Reset
+
+Item = Run | Gap | Reset
+
+
+class OverflowPolicy(enum.Enum):
+    CATCHUP = "catchup"  # release the buffer, replay from the log, lose nothing the log holds
+    DROP = "drop"  # skip what did not fit and say so with a gap
+    DISCONNECT = "disconnect"  # close the connection (WS close 4001); the client resumes later
+
+
+class State(enum.Enum):
+    LIVE = "live"
+    CATCHUP = "catchup"
+    CLOSED = "closed"
+
+
+class CloseReason(enum.Enum):
+    UNSUBSCRIBED = "unsubscribed"
+    SLOW_CONSUMER = "slow-consumer"
+    DRAINING = "draining"
+    GONE = "gone"  # the client went away
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionStatistics:
+    id: str
+    transport: str
+    filter: str
+    state: State
+    position: int
+    pending_events: int
+    pending_bytes: int
+    buffer_events_limit: int
+    buffer_bytes_limit: int
+    delivered_events: int
+    catchups: int
+    gaps: int
+
+
+def _nothing() -> None:
+    pass
+
+
+class Subscription:
+    def __init__(
+        self,
+        id: str,
+        filter: Filter,
+        *,
+        position: int,
+        live: bool,
+        buffer_events: int,
+        buffer_bytes: int,
+        policy: OverflowPolicy,
+        transport: str = "",
+    ) -> None:
+        self.id = id
+        self.filter = filter
+        self.transport = transport
+        # Every matching event with seq <= position has been handed to the writer (or is
+        # covered by a gap it was handed): this is the client's resume point.
+        self.position = position
+        self.state = State.LIVE if live else State.CATCHUP
+        self.close_reason: CloseReason | None = None
+        self.buffer_events = buffer_events
+        self.buffer_bytes = buffer_bytes
+        self.policy = policy
+        self.wake: Callable[[], None] = _nothing  # set by the writer: called when there is work
+        self._items: deque[Item] = deque()
+        self._tail = position  # the highest seq queued (dedupes what is routed twice)
+        self.pending_events = 0
+        self.pending_bytes = 0
+        self.delivered_events = 0
+        self.catchups = 0
+        self.gaps = 0
+
+    # -- the hub's side: synchronous, bounded --------------------------------------------------
+
+    def push(self, run: Run) -> None:
+        if self.state is not State.LIVE or run.last_seq <= self._tail:
+            return
+        if run.first_seq <= self._tail:
+            run = run.after(self._tail)
+        count = len(run.events)
+        if (
+            self.pending_events + count > self.buffer_events
+            or self.pending_bytes + run.nbytes > self.buffer_bytes
+        ):
+            self._overflow(run)
+        else:
+            self._items.append(run)
+            self.pending_events += count
+            self.pending_bytes += run.nbytes
+            self._tail = run.last_seq
+        self.wake()
+
+    def _overflow(self, run: Run) -> None:
+        self._items.clear()
+        self.pending_events = self.pending_bytes = 0
+        if self.policy is OverflowPolicy.CATCHUP:
+            self.state = State.CATCHUP
+            self._tail = self.position
+            self.catchups += 1
+        elif self.policy is OverflowPolicy.DROP:
+            self._items.append(Gap(self.position + 1, run.last_seq))
+            self._tail = run.last_seq
+            self.gaps += 1
+        else:
+            self.close(CloseReason.SLOW_CONSUMER)
+
+    # -- the writer's side ---------------------------------------------------------------------
+
+    def take(self) -> list[Item]:
+        """Everything pending, oldest first; the position moves past it."""
+        if not self._items:
+            return []
+        items = list(self._items)
+        self._items.clear()
+        self.pending_events = self.pending_bytes = 0
+        last = items[-1]
+        if isinstance(last, Run):
+            self.position = max(self.position, last.last_seq)
+        elif isinstance(last, Gap):
+            self.position = max(self.position, last.to_seq)
+        return items
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._items)
+
+    def advance(self, scanned_to: int, gap: Gap | None = None) -> None:
+        """A catch-up page up to ``scanned_to`` was written."""
+        if gap is not None:
+            self.gaps += 1
+        self.position = max(self.position, scanned_to)
+
+    def try_go_live(self, live_edge: int) -> bool:
+        """Re-join the live stream if the catch-up reached ``live_edge`` (the hub's routed seq)."""
+        if self.state is State.CATCHUP and self.position >= live_edge:
+            self.state = State.LIVE
+            self._tail = self.position
+            return True
+        return self.state is State.LIVE
+
+    def close(self, reason: CloseReason) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        self.close_reason = reason
+        self._items.clear()
+        self.pending_events = self.pending_bytes = 0
+        self.wake()
+
+    def statistics(self) -> SubscriptionStatistics:
+        return SubscriptionStatistics(
+            id=self.id,
+            transport=self.transport,
+            filter=str(self.filter),
+            state=self.state,
+            position=self.position,
+            pending_events=self.pending_events,
+            pending_bytes=self.pending_bytes,
+            buffer_events_limit=self.buffer_events,
+            buffer_bytes_limit=self.buffer_bytes,
+            delivered_events=self.delivered_events,
+            catchups=self.catchups,
+            gaps=self.gaps,
+        )
+
+    def __repr__(self) -> str:
+        return f"Subscription({self.id!r}, {self.filter}, {self.state.value}, at {self.position})"

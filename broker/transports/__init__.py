@@ -1,0 +1,1 @@
+"""Transports: the quart-trio app and the streaming ASGI handlers beside it."""

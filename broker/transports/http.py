@@ -1,0 +1,221 @@
+"""The quart-trio app: publish, batch publish, long-poll, health, readiness, metrics, the page.
+
+Streaming subscriptions (SSE, NDJSON, WebSocket) are served beside it (transports/asgi.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib import resources
+from typing import Any
+
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from broker.backplane.base import AppendRequest, AppendResult
+from broker.errors import Problem, RequestError, Unavailable
+from broker.model import validate_event_name, validate_idempotency_key, validate_topic
+from broker.node import Node
+from broker.transports.asgi import parse_subscribe, problem_document
+from broker.wire import ndjson
+
+BATCH_MEDIA_TYPES = {"application/x-ndjson", "application/jsonl", "application/x-jsonlines"}
+_CONTENT_TYPE = re.compile(r"[\x20-\x7e]{1,255}\Z")
+_HTTP_PROBLEMS = {
+    404: Problem.NOT_FOUND,
+    405: Problem.METHOD_NOT_ALLOWED,
+    413: Problem.PAYLOAD_TOO_LARGE,
+}
+
+
+def _json(body: dict[str, Any], status: int = 200) -> Response:
+    return Response(
+        json.dumps(body, separators=(",", ":")), status, content_type="application/json"
+    )
+
+
+def _problem(error: RequestError | Unavailable) -> Response:
+    status, body = problem_document(error, request.path)
+    headers = {"Retry-After": "1"} if status == 503 else {}
+    return Response(body, status, content_type="application/problem+json", headers=headers)
+
+
+async def _body() -> bytes:
+    data = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+    return data.encode() if isinstance(data, str) else data
+
+
+def _published(result: AppendResult) -> dict[str, Any]:
+    body: dict[str, Any] = {"seq": result.seq}
+    if result.duplicate:
+        body["duplicate"] = True
+    return body
+
+
+def create_quart_app(node: Node) -> QuartTrio:
+    app = QuartTrio("broker")
+    app.config["RESPONSE_TIMEOUT"] = None  # long-polls are bounded by their own timeout
+    settings = node.settings
+
+    @app.errorhandler(RequestError)
+    async def on_request_error(error: RequestError) -> Response:
+        return _problem(error)
+
+    @app.errorhandler(Unavailable)
+    async def on_unavailable(error: Unavailable) -> Response:
+        return _problem(error)
+
+    @app.errorhandler(HTTPException)
+    async def on_http_error(error: HTTPException) -> Response:
+        code = error.code or 500
+        problem = _HTTP_PROBLEMS.get(code)
+        if problem is None:
+            return Response(str(error.description), code, content_type="text/plain")
+        detail = {
+            404: f"no route {request.method} {request.path}",
+            405: f"{request.method} is not allowed on {request.path}",
+            413: f"the body is larger than the limit of {request.max_content_length} bytes",
+        }[code]
+        return _problem(RequestError(problem, detail))
+
+    @app.post("/v1/topics/<path:topic>")
+    async def publish(topic: str) -> Response:
+        node.check_available()
+        validate_topic(topic)
+        event = request.args.get("event")
+        if event is not None:
+            validate_event_name(event)
+        key = request.headers.get("Idempotency-Key")
+        if key is not None:
+            validate_idempotency_key(key)
+        content_type = request.headers.get("Content-Type", "application/octet-stream")
+        if not _CONTENT_TYPE.match(content_type):
+            raise RequestError(Problem.BAD_PARAMETER, "invalid Content-Type", name="Content-Type")
+        request.max_content_length = settings.max_payload_bytes
+        payload = await _body()
+        (result,) = await node.publish(
+            [AppendRequest(topic, payload, content_type, event, key)], "http"
+        )
+        return _json(_published(result))
+
+    @app.post("/v1/publish")
+    async def publish_batch() -> Response:
+        node.check_available()
+        media_type = (request.mimetype or "").lower()
+        if media_type not in BATCH_MEDIA_TYPES:
+            raise RequestError(
+                Problem.UNSUPPORTED_MEDIA_TYPE,
+                f"a batch is NDJSON: send Content-Type: application/x-ndjson, not {media_type!r}",
+            )
+        request.max_content_length = settings.max_batch_bytes
+        body = await _body()
+        lines = ndjson.parse_publish_batch(
+            body, max_payload_bytes=settings.max_payload_bytes, max_lines=settings.max_batch_lines
+        )
+        requests = [
+            AppendRequest(line.topic, line.payload, line.content_type, line.event, line.key)
+            for line in lines
+        ]
+        results = await node.publish(requests, "http-batch")
+        body_out: dict[str, Any] = {"seqs": [r.seq for r in results]}
+        duplicates = [i for i, r in enumerate(results) if r.duplicate]
+        if duplicates:
+            body_out["duplicates"] = duplicates
+        return _json(body_out)
+
+    @app.get("/v1/poll")
+    async def poll() -> Response:
+        return await _poll(node)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if node.ready:
+            return _json({"status": "ready", "epoch": node.log.epoch})
+        return _json({"status": "draining"}, 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(
+            node.metrics.render(node), content_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    @app.get("/")
+    async def index() -> Response:
+        page = resources.files("broker").joinpath("static/index.html").read_bytes()
+        return Response(page, content_type="text/html; charset=utf-8")
+
+    return app
+
+
+class _CollectingSink:
+    """A long-poll's sink: keeps what the writer produced and says when there is something."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.filled = trio.Event()
+
+    def write_nowait(self, data: bytes) -> bool:
+        self.chunks.append(data)
+        self.filled.set()
+        return True
+
+    async def write(self, data: bytes) -> None:
+        self.write_nowait(data)
+
+
+def _number(name: str, raw: str | None, default: float, maximum: float) -> float:
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= maximum:
+        raise RequestError(
+            Problem.BAD_PARAMETER, f"{name} must be a number from 0 to {maximum:g}", name=name
+        )
+    return value
+
+
+async def _poll(node: Node) -> Response:
+    settings = node.settings
+    query = list(request.args.items(multi=True))
+    subscribe = parse_subscribe(node, query)
+    timeout = _number(
+        "timeout",
+        request.args.get("timeout"),
+        settings.poll_timeout_seconds,
+        settings.poll_max_timeout_seconds,
+    )
+    limit = int(_number("limit", request.args.get("limit"), settings.poll_limit_events, 100_000))
+    limit = max(limit, 1)
+    sub, greeting = node.open_subscription(
+        subscribe.filter,
+        position=subscribe.position,
+        start=subscribe.start,
+        transport="poll",
+        buffer_events=limit,
+    )
+    sink = _CollectingSink()
+    framing = node.framings.ndjson
+    with node.outlet(sink, framing, "poll", page_events=limit) as outlet:
+        outlet.attach(sub, greeting=framing.render(sub, greeting))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outlet.run)
+            with trio.move_on_after(timeout):
+                await sink.filled.wait()
+            nursery.cancel_scope.cancel()
+        position = f"{node.log.epoch}:{sub.position}"
+    lines = b"".join(sink.chunks).split(b"\n")
+    body = b'{"events":[%s],"position":"%s"}' % (
+        b",".join(line for line in lines if line),
+        position.encode(),
+    )
+    return Response(body, content_type="application/json")

@@ -1,0 +1,534 @@
+"""Getting events onto a sink: Router -> Hub -> Subscription -> Outlet (broker/delivery.py).
+
+A real `MemoryLog`, `Hub` and `Router` run in the test's nursery; the sink is a fake that
+records every write (and can be made to block). Each event is framed as ``b"<seq>\\n"`` so the
+bytes on the "wire" read back as the seqs a client received.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import pytest
+import trio
+import trio.testing
+
+from broker.backplane.base import AppendRequest
+from broker.backplane.memory import MemoryLog
+from broker.delivery import Framing, Outlet, Router
+from broker.encoding import Format
+from broker.hub import Hub
+from broker.model import Event, Filter
+from broker.subscription import CloseReason, OverflowPolicy, State, Subscription
+
+DEADLINE_SECONDS = 10
+HEARTBEAT = b"hb\n"
+
+FRAMING = Framing(
+    Format("t", lambda e: b"%d\n" % e.seq),
+    gap=lambda s, g: b"gap %d %d\n" % (g.from_seq, g.to_seq),
+    reset=lambda s, r: b"reset\n",
+    joined=True,
+)
+
+
+class FakeSink:
+    """Records writes. ``write_nowait`` always says "would block", so ``write`` is used; while
+    ``gate`` is not set, ``write`` blocks (a client that stopped reading)."""
+
+    def __init__(self, gate: trio.Event | None = None) -> None:
+        self.writes: list[bytes] = []
+        self.gate = gate
+        self.blocked = False
+        self._changed = trio.Event()
+
+    def write_nowait(self, data: bytes) -> bool:
+        return False
+
+    async def write(self, data: bytes) -> None:
+        if self.gate is not None and not self.gate.is_set():
+            self.blocked = True
+            await self.gate.wait()
+            self.blocked = False
+        else:
+            await trio.lowlevel.checkpoint()
+        self.writes.append(data)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def frames(self) -> list[object]:
+        """What the client read: seqs as ints, ``("gap", a, b)``, ``"reset"``, ``"hb"``."""
+        out: list[object] = []
+        for line in b"".join(self.writes).splitlines():
+            if line.startswith(b"gap "):
+                _, a, b = line.split()
+                out.append(("gap", int(a), int(b)))
+            elif line in (b"reset", b"hb"):
+                out.append(line.decode())
+            else:
+                out.append(int(line))
+        return out
+
+    def seqs(self) -> list[int]:
+        return [f for f in self.frames() if isinstance(f, int)]
+
+    async def wait_until(self, done: Callable[[], bool]) -> None:
+        with trio.fail_after(DEADLINE_SECONDS):
+            while not done():
+                await self._changed.wait()
+
+    async def wait_for_seq(self, seq: int) -> None:
+        await self.wait_until(lambda: bool(self.seqs()) and self.seqs()[-1] >= seq)
+
+
+@dataclass
+class Broker:
+    log: MemoryLog
+    hub: Hub
+
+    async def publish(self, topics: Sequence[str]) -> list[int]:
+        results = await self.log.append([AppendRequest(t, b"") for t in topics])
+        return [r.seq for r in results]
+
+    def subscribe(
+        self,
+        subjects: Sequence[str] = ("a",),
+        *,
+        position: int | None = None,
+        buffer_events: int = 10_000,
+        policy: OverflowPolicy = OverflowPolicy.CATCHUP,
+    ) -> Subscription:
+        """As the node opens one: at ``position`` (default: latest), live if nothing to replay."""
+        seq = self.log.last_seq if position is None else position
+        return Subscription(
+            "s1",
+            Filter.parse(subjects),
+            position=seq,
+            live=seq >= self.hub.routed_seq,
+            buffer_events=buffer_events,
+            buffer_bytes=1 << 30,
+            policy=policy,
+            transport="test",
+        )
+
+    def outlet(
+        self,
+        sink: FakeSink,
+        *,
+        heartbeat: bytes | None = None,
+        heartbeat_seconds: float = 15.0,
+        page_events: int = 1000,
+        framing: Framing = FRAMING,
+    ) -> Outlet:
+        return Outlet(
+            hub=self.hub,
+            log=self.log,
+            sink=sink,
+            framing=framing,
+            transport="test",
+            heartbeat=heartbeat,
+            heartbeat_seconds=heartbeat_seconds,
+            page_events=page_events,
+        )
+
+
+OpenBroker = Callable[..., Awaitable[Broker]]
+
+
+@pytest.fixture
+def open_broker(nursery: trio.Nursery) -> OpenBroker:
+    """Wire a log, a hub and a router as a node does, the router running in the nursery."""
+
+    async def open_broker(*, retention_messages: int = 1_000_000) -> Broker:
+        log = MemoryLog(retention_messages=retention_messages)
+        hub = Hub(routed_seq=log.last_seq)
+        router = Router(hub)
+        log.on_events(router.enqueue)
+        await nursery.start(router.run)
+        return Broker(log, hub)
+
+    return open_broker
+
+
+class Running:
+    """An outlet's writer running in the nursery; ``reason`` is what ``run()`` returned."""
+
+    def __init__(self, nursery: trio.Nursery, outlet: Outlet) -> None:
+        self.reason: CloseReason | None = None
+        self.done = trio.Event()
+        nursery.start_soon(self._run, outlet)
+
+    async def _run(self, outlet: Outlet) -> None:
+        self.reason = await outlet.run()
+        self.done.set()
+
+    async def wait(self) -> CloseReason | None:
+        with trio.fail_after(DEADLINE_SECONDS):
+            await self.done.wait()
+        return self.reason
+
+
+async def prefill(broker: Broker, count: int, *, batch: int = 500, topic: str = "a") -> None:
+    for start in range(0, count, batch):
+        await broker.publish([topic] * min(batch, count - start))
+    await trio.testing.wait_all_tasks_blocked()
+    assert broker.hub.routed_seq == broker.log.last_seq
+
+
+# -- live ------------------------------------------------------------------------------------
+
+
+async def test_a_batch_published_together_is_one_write(
+    open_broker: OpenBroker, nursery: trio.Nursery
+) -> None:
+    broker = await open_broker()
+    sink = FakeSink()
+    outlet = broker.outlet(sink)
+    sub = broker.subscribe(["a", "b"])
+    outlet.attach(sub)
+    Running(nursery, outlet)
+    await trio.testing.wait_all_tasks_blocked()
+
+    await broker.publish(["a"] * 60 + ["b"] * 10 + ["a"] * 30)  # three runs, one routing turn
+    await sink.wait_for_seq(100)
+    assert sink.writes == [b"".join(b"%d\n" % seq for seq in range(1, 101))]
+
+    await broker.publish(["a"])  # low load: one event, one write, at once
+    await sink.wait_for_seq(101)
+    assert sink.writes[1:] == [b"101\n"]
+    assert sub.position == 101
+    assert sub.delivered_events == 101
+
+
+async def test_only_matching_events_are_written(
+    open_broker: OpenBroker, nursery: trio.Nursery
+) -> None:
+    broker = await open_broker()
+    sink = FakeSink()
+    outlet = broker.outlet(sink)
+    outlet.attach(broker.subscribe(["a.*"]))
+    Running(nursery, outlet)
+    await trio.testing.wait_all_tasks_blocked()
+    await broker.publish(["a.x", "b", "a", "a.y.z", "a.y"])
+    await sink.wait_for_seq(5)
+    assert sink.frames() == [1, 5]
+
+
+async def test_greeting_goes_out_first(open_broker: OpenBroker, nursery: trio.Nursery) -> None:
+    broker = await open_broker()
+    sink = FakeSink()
+    outlet = broker.outlet(sink)
+    outlet.attach(broker.subscribe(), greeting=[b"reset\n"])
+    Running(nursery, outlet)
+    await trio.testing.wait_all_tasks_blocked()
+    await broker.publish(["a"])
+    await sink.wait_for_seq(1)
+    assert sink.frames() == ["reset", 1]
+
+
+async def test_a_detached_subscription_gets_nothing_more(
+    open_broker: OpenBroker, nursery: trio.Nursery
+) -> None:
+    broker = await open_broker()
+    sink = FakeSink()
+    outlet = broker.outlet(sink)
+    sub = broker.subscribe(["a"])
+    outlet.attach(sub)
+    Running(nursery, outlet)
+    await trio.testing.wait_all_tasks_blocked()
+    await broker.publish(["a"])
+    await sink.wait_for_seq(1)
+    outlet.detach(sub.id)
+    assert (sub.state, sub.close_reason) == (State.CLOSED, CloseReason.UNSUBSCRIBED)
+    assert len(broker.hub) == 0
+    await broker.publish(["a", "a"])
+    await trio.testing.wait_all_tasks_blocked()
+    assert sink.frames() == [1]
+
+
+class NonBlockingSink(FakeSink):
+    """A sink whose fast path always succeeds (a socket with room in its send buffer)."""
+
+    def write_nowait(self, data: bytes) -> bool:
+        self.writes.append(data)
+        self._changed.set()
+        self._changed = trio.Event()
+        return True
+
+    async def write(self, data: bytes) -> None:
+        raise AssertionError("the awaitable path is for when write_nowait would block")
+
+
+async def test_message_framing_writes_one_frame_per_event_through_the_fast_path(
+    open_broker: OpenBroker, nursery: trio.Nursery
+) -> None:
+    broker = await open_broker()
+    sink = NonBlockingSink()
+    framing = Framing(
+        FRAMING.fmt, gap=lambda s, g: b"gap\n", reset=lambda s, r: b"reset\n", joined=False
+    )
+    outlet = broker.outlet(sink, framing=framing)
+    outlet.attach(broker.subscribe(["a", "b"]))
+    Running(nursery, outlet)
+    await trio.testing.wait_all_tasks_blocked()
+    await broker.publish(["a", "a", "b"])
+    await sink.wait_for_seq(3)
+    assert sink.writes == [b"1\n", b"2\n", b"3\n"]  # a message transport: one frame each
+
+
+async def test_close_releases_every_subscription(
+    open_broker: OpenBroker, nursery: trio.Nursery
+) -> None:
+    broker = await open_broker()
+    outlet = broker.outlet(FakeSink())
+    first, second = broker.subscribe(["a"]), broker.subscribe(["b"])
+    second.id = "s2"
+    outlet.attach(first)
+    outlet.attach(second)
+    assert len(broker.hub) == 2
+    outlet.detach("no-such-id")  # unknown: nothing happens
+    outlet.close()
+    outlet.close()
+    assert len(broker.hub) == 0
+    assert outlet.subscriptions == {}
+    assert [s.close_reason for s in (first, second)] == [CloseReason.GONE] * 2
+
+
+# -- heartbeats ------------------------------------------------------------------------------
+
+
+async def test_heartbeat_after_a_silence_and_not_before(
+    open_broker: OpenBroker, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    broker = await open_broker()
+    sink = FakeSink()
+    outlet = broker.outlet(sink, heartbeat=HEARTBEAT, heartbeat_seconds=15)
+    outlet.attach(broker.subscribe())
+    start = trio.current_time()
+    Running(nursery, outlet)
+
+    await trio.sleep_until(start + 14.9)
+    assert sink.writes == []
+    await trio.sleep_until(start + 15.1)
+    assert sink.frames() == ["hb"]
+
+    await trio.sleep_until(start + 20)
+    await broker.publish(["a"])
+    await sink.wait_for_seq(1)
+    # The silence starts again at the event: no heartbeat at 30, one at 35.
+    await trio.sleep_until(start + 34.9)
+    assert sink.frames() == ["hb", 1]
+    await trio.sleep_until(start + 35.1)
+    assert sink.frames() == ["hb", 1, "hb"]
+    await trio.sleep_until(start + 50.1)
+    assert sink.frames() == ["hb", 1, "hb", "hb"]
+
+
+async def test_no_heartbeat_configured_means_silence(
+    open_broker: OpenBroker, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    broker = await open_broker()
+    sink = FakeSink()
+    outlet = broker.outlet(sink, heartbeat=None, heartbeat_seconds=15)
+    outlet.attach(broker.subscribe())
+    Running(nursery, outlet)
+    await trio.sleep(3600)
+    assert sink.writes == []
+
+
+# -- catch-up --------------------------------------------------------------------------------
+
+
+async def test_catch_up_from_zero_then_live_exactly_once(
+    open_broker: OpenBroker, nursery: trio.Nursery
+) -> None:
+    broker = await open_broker()
+    await prefill(broker, 5000)
+
+    sink = FakeSink()
+    outlet = broker.outlet(sink, page_events=700)
+    sub = broker.subscribe(position=0)
+    assert sub.state is State.CATCHUP
+    outlet.attach(sub)
+    Running(nursery, outlet)
+    # Publish while the catch-up is under way: the join with the live stream must neither
+    # lose nor repeat these.
+    states = []
+    for i in range(40):
+        last = (await broker.publish(["b", "a"] if i % 2 else ["a"]))[-1]
+        await trio.lowlevel.checkpoint()
+        states.append(sub.state)
+    assert states[0] is State.CATCHUP and states[-1] is State.LIVE  # it joined meanwhile
+    await sink.wait_for_seq(last)
+    await trio.testing.wait_all_tasks_blocked()
+    assert sub.state is State.LIVE
+    last = (await broker.publish(["a", "b", "a"]))[-1]
+    await sink.wait_for_seq(last)
+    await trio.testing.wait_all_tasks_blocked()
+
+    want = [e.seq for e in (await broker.log.read(Filter.parse(["a"]), 0, 100_000)).events]
+    assert want[:5000] == list(range(1, 5001))
+    assert sink.frames() == want  # in order, exactly once, no gap
+    assert sub.position == want[-1]
+    assert sub.delivered_events == len(want)
+
+
+async def test_catch_up_of_a_quiet_topic_in_a_busy_log_writes_nothing_and_goes_live(
+    open_broker: OpenBroker, nursery: trio.Nursery
+) -> None:
+    broker = await open_broker()
+    await prefill(broker, 3000, topic="busy")
+    sink = FakeSink()
+    outlet = broker.outlet(sink, page_events=10)
+    sub = broker.subscribe(["quiet"], position=0)
+    outlet.attach(sub)
+    Running(nursery, outlet)
+    await trio.testing.wait_all_tasks_blocked()
+    assert (sub.state, sub.position, sink.writes) == (State.LIVE, 3000, [])
+    (seq,) = await broker.publish(["quiet"])
+    await sink.wait_for_seq(seq)
+    assert sink.frames() == [3001]
+
+
+async def test_a_catch_up_that_overtakes_the_router_does_not_repeat_what_is_routed_late(
+    nursery: trio.Nursery,
+) -> None:
+    # The router lags behind the log; here the test is the router, so the lag is certain.
+    log = MemoryLog()
+    hub = Hub()
+    unrouted: list[Event] = []
+    log.on_events(unrouted.extend)
+
+    def route() -> None:
+        hub.route(unrouted)
+        unrouted.clear()
+
+    broker = Broker(log, hub)
+    await broker.publish(["a"] * 2000)
+    route()
+    await broker.publish(["a"] * 100)  # 2001..2100: in the log, not yet routed
+    sink = FakeSink()
+    outlet = broker.outlet(sink, page_events=1500)  # the 2nd page reads to 2100, past the hub
+    sub = broker.subscribe(position=0)
+    outlet.attach(sub)
+    Running(nursery, outlet)
+    await sink.wait_for_seq(2100)
+    await trio.testing.wait_all_tasks_blocked()
+    assert (sub.state, hub.routed_seq) == (State.LIVE, 2000)  # live ahead of the hub
+    route()
+    await broker.publish(["a"] * 5)
+    route()
+    await sink.wait_for_seq(2105)
+    await trio.testing.wait_all_tasks_blocked()
+    assert sink.frames() == list(range(1, 2106))
+
+
+async def test_catch_up_past_retention_starts_with_a_gap(
+    open_broker: OpenBroker, nursery: trio.Nursery
+) -> None:
+    broker = await open_broker(retention_messages=1000)
+    await prefill(broker, 1500)  # the log keeps the last 1000
+    sink = FakeSink()
+    outlet = broker.outlet(sink, page_events=300)
+    outlet.attach(broker.subscribe(position=0))
+    Running(nursery, outlet)
+    await sink.wait_for_seq(1500)
+    assert sink.frames() == [("gap", 1, 500), *range(501, 1501)]
+
+
+async def test_a_blocked_writer_costs_its_buffer_then_catches_up_losing_nothing(
+    open_broker: OpenBroker, nursery: trio.Nursery
+) -> None:
+    broker = await open_broker()
+
+    gate = trio.Event()
+    sink = FakeSink(gate)
+    outlet = broker.outlet(sink, page_events=1000)
+    sub = broker.subscribe(buffer_events=100)
+    outlet.attach(sub)
+    Running(nursery, outlet)
+    await trio.testing.wait_all_tasks_blocked()
+
+    await broker.publish(["a"])
+    await trio.testing.wait_all_tasks_blocked()
+    assert sink.blocked  # the writer is stuck writing seq 1
+
+    worst = 0
+    for _ in range(1000):
+        await broker.publish(["a"] * 10)
+        await trio.testing.wait_all_tasks_blocked()
+        worst = max(worst, sub.pending_events)
+        assert sub.pending_events <= 100
+        assert sub.statistics().pending_events <= 100
+    assert worst == 100  # it did buffer up to its bound...
+    assert sub.state is State.CATCHUP  # ...then let go and fell back to the log
+    assert sub.catchups == 1
+    assert broker.log.last_seq == 10_001
+
+    gate.set()
+    await sink.wait_for_seq(10_001)
+    await trio.testing.wait_all_tasks_blocked()
+    assert sink.frames() == list(range(1, 10_002))
+    assert sub.state is State.LIVE
+    await broker.publish(["a"])
+    await sink.wait_for_seq(10_002)
+    assert sink.frames()[-2:] == [10_001, 10_002]
+
+
+async def test_policy_drop_writes_a_gap(open_broker: OpenBroker, nursery: trio.Nursery) -> None:
+    broker = await open_broker()
+    gate = trio.Event()
+    sink = FakeSink(gate)
+    outlet = broker.outlet(sink)
+    outlet.attach(broker.subscribe(buffer_events=5, policy=OverflowPolicy.DROP))
+    Running(nursery, outlet)
+    await trio.testing.wait_all_tasks_blocked()
+    await broker.publish(["a"])  # 1: the write that blocks
+    await trio.testing.wait_all_tasks_blocked()
+    for _ in range(3):
+        await broker.publish(["a"] * 3)  # 2..4 fit, 5..7 do not: 2..7 dropped; 8..10 fit
+        await trio.testing.wait_all_tasks_blocked()
+    gate.set()
+    await broker.publish(["a"])  # 11
+    await sink.wait_for_seq(11)
+    assert sink.frames() == [1, ("gap", 2, 7), 8, 9, 10, 11]
+
+
+async def test_policy_disconnect_ends_the_writer(
+    open_broker: OpenBroker, nursery: trio.Nursery
+) -> None:
+    broker = await open_broker()
+    gate = trio.Event()
+    sink = FakeSink(gate)
+    outlet = broker.outlet(sink)
+    sub = broker.subscribe(buffer_events=5, policy=OverflowPolicy.DISCONNECT)
+    outlet.attach(sub)
+    running = Running(nursery, outlet)
+    await trio.testing.wait_all_tasks_blocked()
+    await broker.publish(["a"])
+    await trio.testing.wait_all_tasks_blocked()
+    await broker.publish(["a"] * 6)
+    gate.set()
+    assert await running.wait() is CloseReason.SLOW_CONSUMER
+    assert sink.frames() == [1]
+    assert sub.close_reason is CloseReason.SLOW_CONSUMER
+
+
+# -- drain -----------------------------------------------------------------------------------
+
+
+async def test_drain_makes_run_return_draining(
+    open_broker: OpenBroker, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    broker = await open_broker()
+    sink = FakeSink()
+    outlet = broker.outlet(sink, heartbeat=HEARTBEAT, heartbeat_seconds=15)
+    outlet.attach(broker.subscribe())
+    running = Running(nursery, outlet)
+    await trio.sleep(5)
+    start = trio.current_time()
+    outlet.drain()
+    assert await running.wait() is CloseReason.DRAINING
+    assert trio.current_time() == start  # at once, not at the next heartbeat
+    assert sink.writes == []
