@@ -54,6 +54,9 @@ class Settings:
     poll_max_timeout_seconds: float = 60.0
     poll_limit_events: int = 1000
     drain_seconds: float = 10.0  # grace for clients to leave on SIGTERM (k8s gives 30 s)
+    # A client whose socket has accepted nothing for this long is cut (it resumes on reconnect).
+    # Centrifugo cuts WebSocket writes after 1 s; SSE on mobile networks deserves longer.
+    write_timeout_seconds: float = 30.0
     log_level: str = "info"
     log_format: str = "json"  # or "text"
 

@@ -129,6 +129,10 @@ class Outlet:
         self._lot = trio.lowlevel.ParkingLot()
         self.subscriptions: dict[str, Subscription] = {}
         self.draining = False
+        # When the current write started blocking (trio clock), for the stalled-write watchdog.
+        self.blocked_since: float | None = None
+        # Severs the connection when a write is stuck (set by the transport).
+        self.cut: Callable[[], bool] = lambda: False
         self._greetings: list[bytes] = []
 
     # -- subscriptions ---------------------------------------------------------------------
@@ -221,7 +225,11 @@ class Outlet:
         sink = self.sink
         for frame in frames:
             if not sink.write_nowait(frame):
-                await sink.write(frame)
+                self.blocked_since = trio.current_time()
+                try:
+                    await sink.write(frame)
+                finally:
+                    self.blocked_since = None
 
     def _count(self, sub: Subscription, delivered: int) -> None:
         if delivered:

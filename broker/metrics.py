@@ -54,6 +54,7 @@ class Metrics:
         self.publish_seconds = Histogram(PUBLISH_SECONDS_BUCKETS)
         self._closed_catchups = 0
         self._closed_gaps = 0
+        self.stalled_cuts = 0
 
     def count_delivered(self, transport: str, events: int) -> None:
         self.delivered[transport] += events
@@ -197,6 +198,12 @@ class Metrics:
                 "counter",
                 "Runs pushed into subscription buffers.",
                 hub.pushes,
+            ),
+            (
+                "broker_stalled_connections_cut_total",
+                "counter",
+                "Connections severed because a write was blocked past write_timeout_seconds.",
+                self.stalled_cuts,
             ),
             ("broker_draining", "gauge", "1 while the node drains.", int(node.draining)),
         ):

@@ -4,6 +4,7 @@ and the two operations they all need: open a subscription at a position, and pub
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,9 +21,10 @@ from broker.hub import Hub
 from broker.metrics import Metrics
 from broker.model import Event, Filter, Gap, Position, Reset
 from broker.subscription import OverflowPolicy, Subscription
+from broker.transports.listener import ConnectionRegistry
 from broker.wire import ndjson, sse, ws
 
-START_CHOICES = ("earliest", "latest")
+logger = logging.getLogger("broker.node")
 
 
 class Framings:
@@ -59,12 +61,8 @@ def _ws_event_encoder(codec: ws.Codec) -> Callable[[Event], bytes]:
     return ws.encode_event_msgpack
 
 
-def _as_bytes(frame: str | bytes) -> bytes:
-    return frame.encode() if isinstance(frame, str) else frame
-
-
 def _ws_gap(codec: ws.Codec, sub: Subscription, gap: Gap) -> bytes:
-    return _as_bytes(
+    return ws.frame_bytes(
         ws.encode_frame(
             codec, {"type": "gap", "sub": sub.id, "from_seq": gap.from_seq, "to_seq": gap.to_seq}
         )
@@ -72,7 +70,9 @@ def _ws_gap(codec: ws.Codec, sub: Subscription, gap: Gap) -> bytes:
 
 
 def _ws_reset(codec: ws.Codec, sub: Subscription, reset: Reset) -> bytes:
-    return _as_bytes(ws.encode_frame(codec, {"type": "reset", "sub": sub.id, "epoch": reset.epoch}))
+    return ws.frame_bytes(
+        ws.encode_frame(codec, {"type": "reset", "sub": sub.id, "epoch": reset.epoch})
+    )
 
 
 class Node:
@@ -88,6 +88,11 @@ class Node:
         self._framings = Framings(log.epoch)
         self._ids = itertools.count(1)
         self._outlets_changed = trio.lowlevel.ParkingLot()
+        # The kernel's TCP_USER_TIMEOUT is the backstop (it also bounds zero-window probing on
+        # Linux); our watchdog, which logs and counts, acts first at write_timeout_seconds.
+        self.connections = ConnectionRegistry(
+            user_timeout_seconds=2 * settings.write_timeout_seconds
+        )
 
     @property
     def framings(self) -> Framings:
@@ -160,11 +165,20 @@ class Node:
 
     @contextmanager
     def outlet(
-        self, sink: Sink, framing: Framing, transport: str, *, page_events: int | None = None
+        self,
+        sink: Sink,
+        framing: Framing,
+        transport: str,
+        *,
+        page_events: int | None = None,
+        cut: Callable[[], bool] | None = None,
+        heartbeat: bytes | None = None,
     ) -> Iterator[Outlet]:
-        """An outlet registered for metrics and drain; always released on exit."""
+        """An outlet registered for metrics and drain; always released on exit.
+
+        ``heartbeat`` is written after ``heartbeat_seconds`` of silence (None: never).
+        """
         settings = self.settings
-        heartbeat = {"sse": sse.HEARTBEAT, "ndjson": ndjson.HEARTBEAT}.get(transport)
         outlet = Outlet(
             hub=self.hub,
             log=self.log,
@@ -176,6 +190,8 @@ class Node:
             page_events=page_events or settings.catchup_page_events,
             on_delivered=self.metrics.count_delivered,
         )
+        if cut is not None:
+            outlet.cut = cut
         self.outlets.add(outlet)
         self.metrics.count_connection(transport)
         try:
@@ -197,6 +213,24 @@ class Node:
         results = await self.log.append(requests)
         self.metrics.count_published(transport, results, time.perf_counter() - started)
         return results
+
+    async def cut_stalled_writes(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Once a second, sever connections whose write has been blocked too long."""
+        task_status.started()
+        timeout = self.settings.write_timeout_seconds
+        while True:
+            await trio.sleep(min(1.0, timeout / 2))
+            now = trio.current_time()
+            for outlet in list(self.outlets):
+                since = outlet.blocked_since
+                if since is not None and now - since > timeout and outlet.cut():
+                    self.metrics.stalled_cuts += 1
+                    logger.warning(
+                        "cut a stalled connection",
+                        extra={"transport": outlet.transport, "blocked_seconds": now - since},
+                    )
 
     async def wait_no_outlets(self) -> None:
         """Return once every client connection has gone."""

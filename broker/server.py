@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.utils import wrap_app
 
 from broker.backplane.base import Log
 from broker.backplane.memory import MemoryLog
@@ -22,6 +22,8 @@ from broker.config import Settings
 from broker.node import Node
 from broker.transports.asgi import create_app
 from broker.transports.http import create_quart_app
+from broker.transports.listener import listen
+from broker.transports.listener import serve as serve_asgi
 
 logger = logging.getLogger("broker.server")
 
@@ -32,6 +34,7 @@ class Running:
 
     node: Node
     url: str  # http://127.0.0.1:PORT
+    server: Server
 
 
 def memory_log(settings: Settings) -> MemoryLog:
@@ -45,8 +48,9 @@ def memory_log(settings: Settings) -> MemoryLog:
 
 def hypercorn_config(settings: Settings) -> HypercornConfig:
     config = HypercornConfig()
-    config.bind = [f"{settings.host}:{settings.port}"]
-    config.websocket_ping_interval = settings.heartbeat_seconds
+    # WebSocket heartbeats are application frames written by the outlet (see websocket.py);
+    # hypercorn still answers a client's pings.
+    config.websocket_ping_interval = None
     # a WS publish op carries the payload plus a small envelope (and base64 for binary in JSON)
     config.websocket_max_message_size = settings.max_payload_bytes * 2 + 64 * 1024
     config.graceful_timeout = 1.0  # connections have already been drained by then
@@ -70,25 +74,30 @@ class Server:
         shutdown = trio.Event()
         http_done = trio.Event()
 
-        async def serve_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        async def serve_http(*, task_status: trio.TaskStatus[str]) -> None:
+            config = hypercorn_config(self.settings)
+            sock = listen(self.settings.host, self.settings.port, backlog=config.backlog)
             try:
-                await hypercorn_serve(
-                    cast(Any, app),
-                    hypercorn_config(self.settings),
+                await serve_asgi(
+                    wrap_app(cast(Any, app), config.wsgi_max_body_size, "asgi"),
+                    config,
+                    sock,
+                    node.connections,
                     shutdown_trigger=shutdown.wait,
                     task_status=task_status,
                 )
             finally:
                 http_done.set()
+                sock.close()
 
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.log.run)
                 await nursery.start(node.router.run)
-                binds = await nursery.start(serve_http)
-                url = binds[0]
+                await nursery.start(node.cut_stalled_writes)
+                url = await nursery.start(serve_http)
                 logger.info("serving", extra={"url": url, "epoch": node.log.epoch})
-                task_status.started(Running(node, url))
+                task_status.started(Running(node, url, self))
                 await self._stop.wait()
                 await self._drain()
                 shutdown.set()
@@ -105,7 +114,10 @@ class Server:
         node.drain()
         with trio.move_on_after(self.settings.drain_seconds):
             await node.wait_no_outlets()
-        logger.info("drained", extra={"connections_left": len(node.outlets)})
+        left = len(node.outlets)
+        # whatever is left is stuck in a write (hypercorn shields those): sever it
+        cut = node.connections.cut_all()
+        logger.info("drained", extra={"connections_left": left, "connections_cut": cut})
 
     def stop(self) -> None:
         """Begin the graceful shutdown (idempotent)."""
