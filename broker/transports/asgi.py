@@ -66,7 +66,8 @@ class AsgiWebSocketSink:
 def problem_document(error: RequestError | Unavailable, instance: str) -> tuple[int, bytes]:
     if isinstance(error, Unavailable):
         error = RequestError(Problem.UNAVAILABLE, str(error))
-    return error.problem.status, json.dumps(error.as_problem(instance)).encode()
+    document = json.dumps(error.as_problem(instance), separators=(",", ":"), ensure_ascii=False)
+    return error.problem.status, document.encode()
 
 
 async def send_problem(send: Send, error: RequestError | Unavailable, instance: str) -> None:

@@ -67,11 +67,18 @@ async def serve(
     framing = node.framings.sse if transport == "sse" else node.framings.ndjson
     sink = AsgiBodySink(send)
     gone = False
-    with node.outlet(sink, framing, transport) as outlet:
+    client = scope.get("client")
+    heartbeat = sse.HEARTBEAT if transport == "sse" else ndjson.HEARTBEAT
+    cut = lambda: node.connections.cut(client)  # noqa: E731
+    with node.outlet(sink, framing, transport, cut=cut, heartbeat=heartbeat) as outlet:
+        position = f"{node.log.epoch}:{sub.position}"
         if transport == "sse":
-            preamble = sse.retry_hint(node.settings.sse_retry_ms)
+            # The id with no data sets EventSource's last event id without firing an event, so
+            # a client that drops before its first event still resumes from where it started.
+            preamble = sse.retry_hint(node.settings.sse_retry_ms) + b"id: %s\n\n" % (
+                position.encode()
+            )
         else:
-            position = f"{node.log.epoch}:{sub.position}"
             preamble = ndjson.encode_control("hello", epoch=node.log.epoch, position=position)
         await sink.write(preamble)
         outlet.attach(sub, greeting=framing.render(sub, greeting))

@@ -56,7 +56,12 @@ async def serve(node: Node, scope: Scope, receive: Receive, send: Send) -> None:
         return await _refuse(scope, send, error)
     await send({"type": "websocket.accept", "subprotocol": codec.value if offered else None})
     sink = AsgiWebSocketSink(send, text=codec is ws.Codec.JSON)
-    with node.outlet(sink, node.framings.ws[codec], "ws") as outlet:
+    client = scope.get("client")
+    cut = lambda: node.connections.cut(client)  # noqa: E731
+    # An application frame, not a protocol ping: browsers never see pings, so only this lets
+    # a client notice a dead connection (and hypercorn's ping task outlives closed sockets).
+    heartbeat = ws.frame_bytes(ws.encode_frame(codec, {"type": "heartbeat"}))
+    with node.outlet(sink, node.framings.ws[codec], "ws", cut=cut, heartbeat=heartbeat) as outlet:
         session = _Session(node, outlet, sink, codec)
         async with trio.open_nursery() as nursery:
 
@@ -88,8 +93,7 @@ class _Session:
         self.codec = codec
 
     async def reply(self, frame: dict[str, object]) -> None:
-        encoded = ws.encode_frame(self.codec, frame)
-        await self.sink.write(encoded.encode() if isinstance(encoded, str) else encoded)
+        await self.sink.write(ws.frame_bytes(ws.encode_frame(self.codec, frame)))
 
     async def handle(self, text: str | None, data: bytes | None) -> CloseCode | None:
         """Answer one client message; return a close code if the socket must close."""
@@ -111,8 +115,7 @@ class _Session:
         return None
 
     async def _error(self, error: RequestError, ref: object) -> None:
-        encoded = ws.error_frame(self.codec, error, ref)
-        await self.sink.write(encoded.encode() if isinstance(encoded, str) else encoded)
+        await self.sink.write(ws.frame_bytes(ws.error_frame(self.codec, error, ref)))
 
     async def _dispatch(self, op: ws.Op) -> None:
         node, outlet = self.node, self.outlet

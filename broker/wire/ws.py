@@ -92,6 +92,11 @@ def encode_frame(codec: Codec, frame: dict[str, object]) -> str | bytes:
     return result
 
 
+def frame_bytes(frame: str | bytes) -> bytes:
+    """A JSON text frame as UTF-8, or a msgpack frame as is (what the sinks write)."""
+    return frame.encode() if isinstance(frame, str) else frame
+
+
 def error_frame(codec: Codec, error: RequestError, ref: object = None) -> str | bytes:
     frame: dict[str, object] = {
         "type": "error",
