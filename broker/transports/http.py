@@ -43,9 +43,20 @@ def _problem(error: RequestError | Unavailable) -> Response:
     return Response(body, status, content_type="application/problem+json", headers=headers)
 
 
-async def _body() -> bytes:
+async def _body(limit: int, what: str) -> bytes:
+    """The request body, refused with 413 past ``limit`` (announced or actual length)."""
+    announced = request.content_length
+    if announced is not None and announced > limit:
+        raise RequestError(
+            Problem.PAYLOAD_TOO_LARGE, f"the {what} is {announced} bytes; the limit is {limit}"
+        )
     data = await request.get_data(cache=False, as_text=False, parse_form_data=False)
-    return data.encode() if isinstance(data, str) else data
+    body = data.encode() if isinstance(data, str) else data
+    if len(body) > limit:
+        raise RequestError(
+            Problem.PAYLOAD_TOO_LARGE, f"the {what} is over the limit of {limit} bytes"
+        )
+    return body
 
 
 def _published(result: AppendResult) -> dict[str, Any]:
@@ -58,7 +69,10 @@ def _published(result: AppendResult) -> dict[str, Any]:
 def create_quart_app(node: Node) -> QuartTrio:
     app = QuartTrio("broker")
     app.config["RESPONSE_TIMEOUT"] = None  # long-polls are bounded by their own timeout
+    # Quart's own cap bounds what any body may cost before a route sees it (chunked uploads
+    # included); each route then applies its exact limit.
     settings = node.settings
+    app.config["MAX_CONTENT_LENGTH"] = max(settings.max_payload_bytes, settings.max_batch_bytes)
 
     @app.errorhandler(RequestError)
     async def on_request_error(error: RequestError) -> Response:
@@ -77,7 +91,7 @@ def create_quart_app(node: Node) -> QuartTrio:
         detail = {
             404: f"no route {request.method} {request.path}",
             405: f"{request.method} is not allowed on {request.path}",
-            413: f"the body is larger than the limit of {request.max_content_length} bytes",
+            413: f"the body is larger than the limit of {app.config['MAX_CONTENT_LENGTH']} bytes",
         }[code]
         return _problem(RequestError(problem, detail))
 
@@ -94,8 +108,7 @@ def create_quart_app(node: Node) -> QuartTrio:
         content_type = request.headers.get("Content-Type", "application/octet-stream")
         if not _CONTENT_TYPE.match(content_type):
             raise RequestError(Problem.BAD_PARAMETER, "invalid Content-Type", name="Content-Type")
-        request.max_content_length = settings.max_payload_bytes
-        payload = await _body()
+        payload = await _body(settings.max_payload_bytes, "payload")
         (result,) = await node.publish(
             [AppendRequest(topic, payload, content_type, event, key)], "http"
         )
@@ -110,8 +123,7 @@ def create_quart_app(node: Node) -> QuartTrio:
                 Problem.UNSUPPORTED_MEDIA_TYPE,
                 f"a batch is NDJSON: send Content-Type: application/x-ndjson, not {media_type!r}",
             )
-        request.max_content_length = settings.max_batch_bytes
-        body = await _body()
+        body = await _body(settings.max_batch_bytes, "batch")
         lines = ndjson.parse_publish_batch(
             body, max_payload_bytes=settings.max_payload_bytes, max_lines=settings.max_batch_lines
         )
@@ -208,7 +220,12 @@ async def _poll(node: Node) -> Response:
     with node.outlet(sink, framing, "poll", page_events=limit) as outlet:
         outlet.attach(sub, greeting=framing.render(sub, greeting))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(outlet.run)
+
+            async def deliver() -> None:
+                await outlet.run()  # returns only when the node drains: answer now
+                sink.filled.set()
+
+            nursery.start_soon(deliver)
             with trio.move_on_after(timeout):
                 await sink.filled.wait()
             nursery.cancel_scope.cancel()
