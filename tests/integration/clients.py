@@ -4,6 +4,7 @@ parsers only (not on broker.client), so the tests check what is really on the wi
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 from collections.abc import AsyncIterator
@@ -15,6 +16,16 @@ import httpx
 import msgpack
 import trio
 from trio_websocket import open_websocket_url
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    RejectConnection,
+    TextMessage,
+)
+from wsproto.events import Request as WsRequest
+from wsproto.utilities import LocalProtocolError
 
 from broker.wire import ndjson, sse
 from broker.wire.ws import Codec
@@ -208,3 +219,54 @@ async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(0.01)
+
+
+class RawWebSocket:
+    """A wsproto client on a plain socket, for tests where the *server* closes the connection
+    (trio-websocket's client leaves its socket unclosed in that case) or refuses the handshake."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.subprotocol: str | None = None
+        self._pending: list[Any] = []
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, url: str, subprotocols: list[str]) -> AsyncIterator[RawWebSocket]:
+        host, port = url.split("//", 1)[1].rsplit(":", 1)
+        sock = trio.socket.socket()
+        with sock:
+            await sock.connect((host, int(port)))
+            client = cls(sock)
+            request = WsRequest(host=host, target="/v1/ws", subprotocols=subprotocols)
+            await sock.send(client.ws.send(request))
+            event = await client.event()
+            if isinstance(event, RejectConnection):
+                raise AssertionError(f"refused with {event.status_code}")
+            assert isinstance(event, AcceptConnection), event
+            client.subprotocol = event.subprotocol
+            yield client
+
+    async def event(self, timeout: float = 10.0) -> Any:
+        with trio.fail_after(timeout):
+            while not self._pending:
+                data = await self.sock.recv(65536)
+                self.ws.receive_data(data or None)
+                self._pending.extend(self.ws.events())
+            return self._pending.pop(0)
+
+    async def send(self, message: str | bytes) -> None:
+        if isinstance(message, str):
+            await self.sock.send(self.ws.send(TextMessage(data=message)))
+        else:
+            await self.sock.send(self.ws.send(BytesMessage(data=message)))
+
+    async def close_code(self) -> int:
+        """Read until the server closes; answer its close frame; return its code."""
+        while True:
+            event = await self.event()
+            if isinstance(event, CloseConnection):
+                with contextlib.suppress(OSError, LocalProtocolError):
+                    await self.sock.send(self.ws.send(event.response()))
+                return int(event.code)

@@ -1,0 +1,137 @@
+"""The WebSocket session: several subscriptions, unsubscribe, publish, ping, and error frames
+that leave the socket open."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from broker.server import Running
+from tests.integration.clients import RawWebSocket, wait_for
+
+
+def ws_url(running: Running) -> str:
+    return running.url.replace("http://", "ws://") + "/v1/ws"
+
+
+async def call(ws: WebSocketConnection, op: dict[str, Any]) -> dict[str, Any]:
+    await ws.send_message(json.dumps(op))
+    return await receive(ws)
+
+
+async def receive(ws: WebSocketConnection) -> dict[str, Any]:
+    with trio.fail_after(10):
+        message = await ws.get_message()
+    assert isinstance(message, str)
+    frame: dict[str, Any] = json.loads(message)
+    return frame
+
+
+async def test_two_subscriptions_unsubscribe_and_publish_on_one_socket(broker: Running) -> None:
+    async with open_websocket_url(ws_url(broker), subprotocols=["broker.v1.json"]) as ws:
+        assert ws.subprotocol == "broker.v1.json"
+        a = await call(ws, {"op": "subscribe", "topics": ["room.a"], "ref": 1})
+        assert a == {"type": "subscribed", "id": "s1", "position": a["position"], "ref": 1}
+        b = await call(ws, {"op": "subscribe", "id": "mine", "topics": ["room.b"]})
+        assert b["type"] == "subscribed" and b["id"] == "mine"
+
+        published = await call(ws, {"op": "publish", "topic": "room.a", "data": {"n": 1}, "ref": 2})
+        assert published == {"type": "published", "seq": 1, "ref": 2}
+        event = await receive(ws)
+        assert event["type"] == "event" and event["seq"] == 1 and event["data"] == {"n": 1}
+
+        assert (await call(ws, {"op": "publish", "topic": "room.b", "data": "hi"}))["seq"] == 2
+        event = await receive(ws)
+        assert (event["topic"], event["data"]) == ("room.b", "hi")
+
+        assert await call(ws, {"op": "unsubscribe", "id": "mine"}) == {
+            "type": "unsubscribed",
+            "id": "mine",
+        }
+        await wait_for(lambda: len(broker.node.hub) == 1)
+        assert (await call(ws, {"op": "publish", "topic": "room.b", "data": "unheard"}))["seq"] == 3
+        assert (await call(ws, {"op": "publish", "topic": "room.a", "data": "heard"}))["seq"] == 4
+        event = await receive(ws)
+        assert (event["seq"], event["data"]) == (4, "heard")  # seq 3 never came
+        assert await call(ws, {"op": "ping", "ref": "p"}) == {"type": "pong", "ref": "p"}
+
+
+async def test_msgpack_carries_binary_payloads_both_ways(broker: Running) -> None:
+    async with open_websocket_url(ws_url(broker), subprotocols=["broker.v1.msgpack"]) as ws:
+        assert ws.subprotocol == "broker.v1.msgpack"
+        await ws.send_message(msgpack.packb({"op": "subscribe", "topics": ["bin"]}))
+        assert msgpack.unpackb(await ws.get_message())["type"] == "subscribed"
+        blob = bytes(range(256))
+        await ws.send_message(msgpack.packb({"op": "publish", "topic": "bin", "data": blob}))
+        assert msgpack.unpackb(await ws.get_message()) == {"type": "published", "seq": 1}
+        event = msgpack.unpackb(await ws.get_message())
+        assert event["data"] == blob and event["content_type"] == "application/octet-stream"
+
+
+ERROR_OPS = [
+    ("not JSON", "{nope", "bad-message"),
+    ("not an object", "[1]", "bad-message"),
+    ("unknown op", json.dumps({"op": "dance", "ref": 9}), "bad-message"),
+    ("bad pattern", json.dumps({"op": "subscribe", "topics": ["a.>.b"], "ref": 9}), "bad-pattern"),
+    ("no topics", json.dumps({"op": "subscribe", "topics": [], "ref": 9}), "missing-topic"),
+    (
+        "bad position",
+        json.dumps({"op": "subscribe", "topics": ["a"], "from_seq": "x"}),
+        "bad-position",
+    ),
+    (
+        "position ahead",
+        json.dumps({"op": "subscribe", "topics": ["a"], "from_seq": 99}),
+        "position-ahead",
+    ),
+    ("unknown subscription", json.dumps({"op": "unsubscribe", "id": "zz"}), "unknown-subscription"),
+    (
+        "publish bad topic",
+        json.dumps({"op": "publish", "topic": "a..b", "data": 1, "ref": 9}),
+        "bad-topic",
+    ),
+    (
+        "publish bad event",
+        json.dumps({"op": "publish", "topic": "a", "data": 1, "event": "gap"}),
+        "bad-event-name",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "message", "code"), ERROR_OPS, ids=[e[0] for e in ERROR_OPS])
+async def test_a_bad_operation_gets_an_error_frame_and_the_socket_stays_open(
+    name: str, message: str, code: str, broker: Running
+) -> None:
+    async with open_websocket_url(ws_url(broker), subprotocols=["broker.v1.json"]) as ws:
+        await ws.send_message(message)
+        frame = await receive(ws)
+        assert frame["type"] == "error" and frame["code"] == code and frame["message"]
+        if '"ref": 9' in message:
+            assert frame["ref"] == 9
+        assert await call(ws, {"op": "ping"}) == {"type": "pong"}
+
+
+async def test_duplicate_subscription_ids_are_refused(broker: Running) -> None:
+    async with open_websocket_url(ws_url(broker), subprotocols=["broker.v1.json"]) as ws:
+        assert (await call(ws, {"op": "subscribe", "id": "x", "topics": ["a"]}))["id"] == "x"
+        frame = await call(ws, {"op": "subscribe", "id": "x", "topics": ["b"]})
+        assert frame["code"] == "duplicate-subscription"
+
+
+async def test_a_binary_frame_on_the_json_subprotocol_closes_with_1003(broker: Running) -> None:
+    async with RawWebSocket.open(broker.url, ["broker.v1.json"]) as ws:
+        await ws.send(b"\x00\x01")
+        assert await ws.close_code() == 1003
+
+
+async def test_an_oversize_publish_gets_an_error_frame(broker: Running) -> None:
+    big = "x" * (broker.node.settings.max_payload_bytes + 1)
+    async with open_websocket_url(ws_url(broker), subprotocols=["broker.v1.json"]) as ws:
+        frame = await call(ws, {"op": "publish", "topic": "a", "data": big})
+        assert frame["code"] == "payload-too-large"
+        assert await call(ws, {"op": "ping"}) == {"type": "pong"}
