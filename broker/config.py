@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8080  # 0 picks a free port (tests)
-    # Heartbeats: SSE comment, NDJSON empty line, WS ping. Proxies commonly idle out at 60 s
+    # Heartbeats: SSE comment, NDJSON empty line, WS heartbeat frame. Proxies idle out at 60 s
     # (nginx proxy_read_timeout); 15 s is the usual SSE keepalive (WHATWG's example, Mercure).
     heartbeat_seconds: float = 15.0
     sse_retry_ms: int = 2000  # EventSource's reconnect delay; browsers default to ~3 s
