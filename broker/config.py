@@ -69,6 +69,13 @@ class Settings:
             allowed = value > 0 or (value == 0 and f.name in _ZERO_ALLOWED)
             if not allowed or value == math.inf:
                 raise ConfigError(f"{f.name} must be a finite positive number, got {value}")
+        try:  # accept the policy's name too (Settings(overflow_policy="drop"))
+            object.__setattr__(self, "overflow_policy", OverflowPolicy(self.overflow_policy))
+        except ValueError:
+            choices = ", ".join(p.value for p in OverflowPolicy)
+            raise ConfigError(
+                f"overflow_policy must be one of {choices}, not {self.overflow_policy!r}"
+            ) from None
         if self.log_format not in {"json", "text"}:
             raise ConfigError(f"log_format must be json or text, got {self.log_format!r}")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

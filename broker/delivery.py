@@ -215,8 +215,6 @@ class Outlet:
         items.extend(result.events)
         if items:
             await self._write(self.framing.render(sub, items))
-        else:
-            await trio.lowlevel.checkpoint()  # a scan that found nothing must still yield
         sub.advance(result.scanned_to, result.gap)
         self._count(sub, len(result.events))
         sub.try_go_live(self.hub.routed_seq)

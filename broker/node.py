@@ -20,7 +20,7 @@ from broker.errors import Problem, RequestError, Unavailable
 from broker.hub import Hub
 from broker.metrics import Metrics
 from broker.model import Event, Filter, Gap, Position, Reset
-from broker.subscription import OverflowPolicy, Subscription
+from broker.subscription import Subscription
 from broker.transports.listener import ConnectionRegistry
 from broker.wire import ndjson, sse, ws
 
@@ -144,12 +144,8 @@ class Node:
                 seq = position.seq
         elif start == "earliest":
             seq = log.first_seq - 1
-        elif start in (None, "latest"):
+        else:  # "latest" or nothing (the parsers have refused anything else)
             seq = log.last_seq
-        else:
-            raise RequestError(
-                Problem.BAD_PARAMETER, "from must be 'earliest' or 'latest'", name="from"
-            )
         settings = self.settings
         sub = Subscription(
             sub_id or f"s{next(self._ids)}",
@@ -158,7 +154,7 @@ class Node:
             live=seq >= self.hub.routed_seq,
             buffer_events=buffer_events or settings.buffer_events,
             buffer_bytes=settings.buffer_bytes,
-            policy=OverflowPolicy(settings.overflow_policy),
+            policy=settings.overflow_policy,
             transport=transport,
         )
         return sub, greeting

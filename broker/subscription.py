@@ -108,7 +108,10 @@ class Subscription:
         if run.first_seq <= self._tail:
             run = run.after(self._tail)
         count = len(run.events)
-        if (
+        # An empty buffer always takes one run: runs are shared by every subscriber (this costs
+        # no memory of its own), and a batch bigger than the buffer must not overflow a reader
+        # that is keeping up. The bound is therefore the buffer or one run, whichever is larger.
+        if self._items and (
             self.pending_events + count > self.buffer_events
             or self.pending_bytes + run.nbytes > self.buffer_bytes
         ):
@@ -132,6 +135,7 @@ class Subscription:
             self._tail = run.last_seq
             self.gaps += 1
         else:
+            assert self.policy is OverflowPolicy.DISCONNECT, self.policy
             self.close(CloseReason.SLOW_CONSUMER)
 
     # -- the writer's side ---------------------------------------------------------------------

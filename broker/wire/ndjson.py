@@ -10,8 +10,10 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring  # the C escaper json.dumps uses for ensure_ascii=False
+from typing import Any
 
 from broker.errors import Problem, ProtocolError, RequestError
 from broker.model import Event, validate_event_name, validate_idempotency_key, validate_topic
@@ -167,11 +169,47 @@ def _bad_line(detail: str) -> RequestError:
     return RequestError(Problem.BAD_BATCH_LINE, detail)
 
 
-def _optional_str(obj: dict[str, object], key: str) -> str | None:
-    value = obj.get(key)
-    if value is not None and not isinstance(value, str):
-        raise _bad_line(f'"{key}" must be a string')
-    return value
+def checked_publish(
+    fields: Mapping[Any, Any],
+    payload: bytes,
+    content_type: str,
+    *,
+    key_field: str,
+    max_payload_bytes: int,
+    malformed: Callable[[str], RequestError],
+) -> PublishRequest:
+    """The fields every publish carries, whatever the wire (batch line, WebSocket op): topic,
+    size, content type override, event name, idempotency key (under ``key_field``).
+
+    Raises `RequestError`: the field's own problem (bad-topic, payload-too-large,
+    bad-event-name, bad-idempotency-key) or ``malformed(detail)`` for a mistyped field.
+    """
+    topic = fields.get("topic")
+    if not isinstance(topic, str):
+        raise malformed('"topic" must be a string')
+    validate_topic(topic)
+    if len(payload) > max_payload_bytes:
+        raise RequestError(
+            Problem.PAYLOAD_TOO_LARGE,
+            f"payload is {len(payload)} bytes, the limit is {max_payload_bytes}",
+        )
+    if fields.get("content_type") is not None:
+        try:
+            content_type = validate_content_type(fields["content_type"])
+        except ValueError as exc:
+            raise malformed(str(exc)) from None
+    optional: dict[str, str | None] = {}
+    for name in ("event", key_field):
+        value = fields.get(name)
+        if value is not None and not isinstance(value, str):
+            raise malformed(f'"{name}" must be a string')
+        optional[name] = value
+    event, key = optional["event"], optional[key_field]
+    if event is not None:
+        validate_event_name(event)
+    if key is not None:
+        validate_idempotency_key(key)
+    return PublishRequest(topic, payload, content_type, event, key)
 
 
 def _line_payload(obj: dict[str, object]) -> tuple[bytes, str]:
@@ -212,35 +250,21 @@ def parse_publish_line(line: bytes, *, max_payload_bytes: int) -> PublishRequest
     if unknown:
         raise _bad_line(f"unknown keys: {', '.join(sorted(repr(k[:40]) for k in unknown))}")
 
-    topic = obj.get("topic")
-    if not isinstance(topic, str):
-        raise _bad_line('"topic" must be a string')
-    try:
-        validate_topic(topic)
-    except RequestError as exc:
-        raise _bad_line(f"invalid topic: {exc.detail}") from None
-
     payload, content_type = _line_payload(obj)
-    if len(payload) > max_payload_bytes:
-        raise RequestError(
-            Problem.PAYLOAD_TOO_LARGE,
-            f"payload is {len(payload)} bytes, the limit is {max_payload_bytes}",
-        )
-    if obj.get("content_type") is not None:
-        try:
-            content_type = validate_content_type(obj["content_type"])
-        except ValueError as exc:
-            raise _bad_line(str(exc)) from None
-    event = _optional_str(obj, "event")
-    key = _optional_str(obj, "id")
     try:
-        if event is not None:
-            validate_event_name(event)
-        if key is not None:
-            validate_idempotency_key(key)
+        return checked_publish(
+            obj,
+            payload,
+            content_type,
+            key_field="id",
+            max_payload_bytes=max_payload_bytes,
+            malformed=_bad_line,
+        )
     except RequestError as exc:
-        raise _bad_line(exc.detail) from None
-    return PublishRequest(topic, payload, content_type, event, key)
+        if exc.problem in (Problem.PAYLOAD_TOO_LARGE, Problem.BAD_BATCH_LINE):
+            raise
+        # one problem type per batch line; the field's own problem goes into the detail
+        raise _bad_line(f"{exc.problem.title.lower()}: {exc.detail}") from None
 
 
 def parse_publish_batch(

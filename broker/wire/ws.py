@@ -22,18 +22,15 @@ from broker.model import (
     Event,
     Position,
     parse_position,
-    validate_event_name,
-    validate_idempotency_key,
-    validate_topic,
 )
 from broker.wire.ndjson import (
     BINARY_CONTENT_TYPE,
     JSON_CONTENT_TYPE,
     TEXT_CONTENT_TYPE,
+    checked_publish,
     dumps_compact,
     event_json,
     loads_strict,
-    validate_content_type,
 )
 
 JSON_SUBPROTOCOL = "broker.v1.json"
@@ -248,30 +245,20 @@ def _publish_payload(data: object) -> tuple[bytes, str]:
 def _publish(obj: dict[Any, Any], ref: object, max_payload_bytes: int) -> Publish:
     allowed = frozenset({"op", "ref", "topic", "data", "content_type", "event", "key"})
     _check_fields(obj, allowed)
-    topic = obj.get("topic")
-    if not isinstance(topic, str):
-        raise _bad('publish needs "topic": a string')
-    validate_topic(topic)
     if "data" not in obj:
         raise _bad('publish needs "data"')
     payload, content_type = _publish_payload(obj["data"])
-    if len(payload) > max_payload_bytes:
-        raise RequestError(
-            Problem.PAYLOAD_TOO_LARGE,
-            f"payload is {len(payload)} bytes, the limit is {max_payload_bytes}",
-        )
-    if obj.get("content_type") is not None:
-        try:
-            content_type = validate_content_type(obj["content_type"])
-        except ValueError as exc:
-            raise _bad(str(exc)) from None
-    event = _optional_str(obj, "event")
-    if event is not None:
-        validate_event_name(event)
-    key = _optional_str(obj, "key")
-    if key is not None:
-        validate_idempotency_key(key)
-    return Publish(topic, payload, content_type, event, key, ref)
+    request = checked_publish(
+        obj,
+        payload,
+        content_type,
+        key_field="key",
+        max_payload_bytes=max_payload_bytes,
+        malformed=_bad,
+    )
+    return Publish(
+        request.topic, request.payload, request.content_type, request.event, request.key, ref
+    )
 
 
 def _ping(obj: dict[Any, Any], ref: object, max_payload_bytes: int) -> Ping:

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import math
+import socket
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -230,12 +231,17 @@ class RawWebSocket:
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.subprotocol: str | None = None
         self._pending: list[Any] = []
+        self.close_code_seen: int | None = None
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, url: str, subprotocols: list[str]) -> AsyncIterator[RawWebSocket]:
+    async def open(
+        cls, url: str, subprotocols: list[str], *, receive_buffer_bytes: int | None = None
+    ) -> AsyncIterator[RawWebSocket]:
         host, port = url.split("//", 1)[1].rsplit(":", 1)
         sock = trio.socket.socket()
+        if receive_buffer_bytes is not None:  # small: the server's writes block sooner
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer_bytes)
         with sock:
             await sock.connect((host, int(port)))
             client = cls(sock)
@@ -261,6 +267,21 @@ class RawWebSocket:
             await self.sock.send(self.ws.send(TextMessage(data=message)))
         else:
             await self.sock.send(self.ws.send(BytesMessage(data=message)))
+
+    async def message(self) -> str | None:
+        """The next whole text message, or None once the server closed (its close answered)."""
+        parts: list[str] = []
+        while True:
+            event = await self.event()
+            if isinstance(event, CloseConnection):
+                with contextlib.suppress(OSError, LocalProtocolError):
+                    await self.sock.send(self.ws.send(event.response()))
+                self.close_code_seen = int(event.code)
+                return None
+            if isinstance(event, TextMessage):
+                parts.append(event.data)
+                if event.message_finished:
+                    return "".join(parts)
 
     async def close_code(self) -> int:
         """Read until the server closes; answer its close frame; return its code."""

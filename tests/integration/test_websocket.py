@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 import msgpack
 import pytest
 import trio
@@ -13,6 +14,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 from broker.server import Running
 from tests.integration.clients import RawWebSocket, wait_for
+from tests.integration.conftest import StartBroker
 
 
 def ws_url(running: Running) -> str:
@@ -135,3 +137,62 @@ async def test_an_oversize_publish_gets_an_error_frame(broker: Running) -> None:
         frame = await call(ws, {"op": "publish", "topic": "a", "data": big})
         assert frame["code"] == "payload-too-large"
         assert await call(ws, {"op": "ping"}) == {"type": "pong"}
+
+
+async def _stall_and_publish(running: Running, ws: RawWebSocket) -> list[int]:
+    """Subscribe, stop reading, and publish 8 MB: far more than the socket buffers hold."""
+    await ws.send(json.dumps({"op": "subscribe", "topics": ["p"]}))
+    assert json.loads(await ws.message() or "")["type"] == "subscribed"
+    sent: list[int] = []
+    body = "\n".join(json.dumps({"topic": "p", "data": "x" * 4000}) for _ in range(500))
+    async with httpx.AsyncClient(base_url=running.url) as http:
+        for _ in range(4):
+            response = await http.post(
+                "/v1/publish", content=body, headers={"Content-Type": "application/x-ndjson"}
+            )
+            sent.extend(response.json()["seqs"])
+    return sent
+
+
+async def test_overflow_policy_drop_says_exactly_what_was_skipped(
+    start_broker: StartBroker,
+) -> None:
+    running = await start_broker(overflow_policy="drop", buffer_events=10)
+    async with RawWebSocket.open(
+        running.url, ["broker.v1.json"], receive_buffer_bytes=32 * 1024
+    ) as ws:
+        sent = await _stall_and_publish(running, ws)
+        received: list[int] = []
+        gaps: list[tuple[int, int]] = []
+
+        def covered(seq: int) -> bool:
+            return seq in received or any(a <= seq <= b for a, b in gaps)
+
+        while not covered(sent[-1]):
+            message = await ws.message()
+            assert message is not None, f"closed with {ws.close_code_seen}"
+            frame = json.loads(message)
+            if frame["type"] == "event":
+                received.append(frame["seq"])
+            elif frame["type"] == "gap":
+                gaps.append((frame["from_seq"], frame["to_seq"]))
+    assert gaps, "the subscriber fell behind, so something was skipped"
+    assert received == sorted(received)
+    # nothing lost silently: every seq was delivered or lies inside a gap it was told about
+    assert all(covered(seq) for seq in sent)
+    print(
+        f"\ndrop: {len(received)} delivered, {len(gaps)} gaps covering the other "
+        f"{len(sent) - len(received)}"
+    )
+
+
+async def test_overflow_policy_disconnect_closes_with_4001(start_broker: StartBroker) -> None:
+    running = await start_broker(overflow_policy="disconnect", buffer_events=10)
+    async with RawWebSocket.open(
+        running.url, ["broker.v1.json"], receive_buffer_bytes=32 * 1024
+    ) as ws:
+        await _stall_and_publish(running, ws)
+        while await ws.message() is not None:
+            pass
+        assert ws.close_code_seen == 4001
+    await wait_for(lambda: len(running.node.hub) == 0)

@@ -181,3 +181,9 @@ def test_nan_is_a_config_error(key: str) -> None:
     # (trio.move_on_after(nan) raises ValueError) instead of being refused at start.
     with pytest.raises(ConfigError, match=key):
         load_settings(environ={"BROKER_" + key.upper(): "nan"})
+
+
+def test_a_policy_given_by_name_becomes_the_enum_and_a_bad_one_is_refused() -> None:
+    assert Settings(overflow_policy="drop").overflow_policy is OverflowPolicy.DROP  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="overflow_policy"):
+        Settings(overflow_policy="explode")  # type: ignore[arg-type]

@@ -508,7 +508,9 @@ async def test_policy_disconnect_ends_the_writer(
     await trio.testing.wait_all_tasks_blocked()
     await broker.publish(["a"])
     await trio.testing.wait_all_tasks_blocked()
-    await broker.publish(["a"] * 6)
+    await broker.publish(["a"] * 3)  # buffered while the first write blocks
+    await trio.testing.wait_all_tasks_blocked()
+    await broker.publish(["a"] * 3)  # 6 > 5: overflow
     gate.set()
     assert await running.wait() is CloseReason.SLOW_CONSUMER
     assert sink.frames() == [1]

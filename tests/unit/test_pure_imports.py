@@ -26,6 +26,7 @@ REQUIRED = ("broker/model.py", "broker/wire/sse.py")
 OPTIONAL = (
     "broker/errors.py",
     "broker/hub.py",
+    "broker/encoding.py",
     "broker/subscription.py",
     "broker/backplane/base.py",
 )
