@@ -65,7 +65,6 @@ class CloseCode(enum.IntEnum):
     PROTOCOL_ERROR = 1002  # no supported subprotocol offered
     UNSUPPORTED_DATA = 1003  # binary frame on broker.v1.json, or text on broker.v1.msgpack
     MESSAGE_TOO_BIG = 1009  # a client frame over max_payload_bytes (plus envelope)
-    INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012  # the node is draining: reconnect (to any node) and resume
     SLOW_CONSUMER = 4001  # buffer overflowed under overflow policy "disconnect"
 
