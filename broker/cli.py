@@ -26,8 +26,11 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     for f in fields(Settings):
         default = getattr(defaults, f.name)
         shown = getattr(default, "value", default)
+        flags = ["--" + f.name.replace("_", "-")]
+        if f.name == "nats_urls":
+            flags.append("--nats")  # broker serve --nats nats://a:4222,nats://b:4222
         serve.add_argument(
-            "--" + f.name.replace("_", "-"),
+            *flags,
             dest=f.name,
             default=None,
             metavar=type(shown).__name__.upper(),

@@ -57,6 +57,11 @@ class Settings:
     # A client whose socket has accepted nothing for this long is cut (it resumes on reconnect).
     # Centrifugo cuts WebSocket writes after 1 s; SSE on mobile networks deserves longer.
     write_timeout_seconds: float = 30.0
+    # Cluster mode: a NATS JetStream stream as the shared log (empty: embedded mode).
+    nats_urls: str = ""  # comma-separated, e.g. nats://10.0.0.1:4222,nats://10.0.0.2:4222
+    nats_stream: str = "BROKER"
+    nats_subject_prefix: str = "broker.t"  # topic t is the subject <prefix>.t
+    nats_replicas: int = 1  # 3 on a 3-node NATS cluster
     log_level: str = "info"
     log_format: str = "json"  # or "text"
 

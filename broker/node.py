@@ -102,11 +102,19 @@ class Node:
 
     @property
     def ready(self) -> bool:
-        return not self.draining
+        return not self.draining and self.log.available
 
     def check_available(self) -> None:
+        """For new subscriptions: refused only while draining (a subscriber is served from what
+        the node holds, and keeps its connection while the backplane is away)."""
         if self.draining:
             raise Unavailable("this node is draining; retry on another node")
+
+    def check_writable(self) -> None:
+        """For publishes: nothing is acknowledged unless the log can store it now."""
+        self.check_available()
+        if not self.log.available:
+            raise Unavailable("the backplane is unreachable; nothing was stored, retry")
 
     # -- subscribe -----------------------------------------------------------------------------
 
@@ -204,7 +212,7 @@ class Node:
     async def publish(
         self, requests: Sequence[AppendRequest], transport: str
     ) -> list[AppendResult]:
-        self.check_available()
+        self.check_writable()
         started = time.perf_counter()
         results = await self.log.append(requests)
         self.metrics.count_published(transport, results, time.perf_counter() - started)

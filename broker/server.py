@@ -18,6 +18,7 @@ from hypercorn.utils import wrap_app
 
 from broker.backplane.base import Log
 from broker.backplane.memory import MemoryLog
+from broker.backplane.nats import JetStreamLog
 from broker.config import Settings
 from broker.node import Node
 from broker.transports.asgi import create_app
@@ -37,8 +38,20 @@ class Running:
     server: Server
 
 
-def memory_log(settings: Settings) -> MemoryLog:
-    return MemoryLog(
+def make_log(settings: Settings) -> Log:
+    """Embedded mode's in-memory log, or cluster mode's JetStream stream."""
+    if not settings.nats_urls:
+        return MemoryLog(
+            retention_messages=settings.retention_messages,
+            retention_bytes=settings.retention_bytes,
+            retention_seconds=settings.retention_seconds,
+            dedupe_window_seconds=settings.dedupe_window_seconds,
+        )
+    return JetStreamLog(
+        [url.strip() for url in settings.nats_urls.split(",") if url.strip()],
+        stream=settings.nats_stream,
+        subject_prefix=settings.nats_subject_prefix,
+        replicas=settings.nats_replicas,
         retention_messages=settings.retention_messages,
         retention_bytes=settings.retention_bytes,
         retention_seconds=settings.retention_seconds,
@@ -62,7 +75,7 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
 class Server:
     def __init__(self, settings: Settings, log: Log | None = None) -> None:
         self.settings = settings
-        self.node = Node(settings, log if log is not None else memory_log(settings))
+        self.node = Node(settings, log if log is not None else make_log(settings))
         self._stop = trio.Event()
         self._stopped = trio.Event()
 
@@ -93,6 +106,7 @@ class Server:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.log.run)
+                node.hub.routed_seq = node.log.last_seq  # known once the log follows its source
                 await nursery.start(node.router.run)
                 await nursery.start(node.cut_stalled_writes)
                 url = await nursery.start(serve_http)

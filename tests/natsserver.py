@@ -28,21 +28,28 @@ class NatsServer:
     url: str
     store_dir: str
 
-    def stop(self) -> None:
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def stop(self, *, keep_store: bool = False) -> None:
         self.process.terminate()
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        shutil.rmtree(self.store_dir, ignore_errors=True)
+        if not keep_store:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
 
 
-def start_nats_server(*, timeout_seconds: float = 15.0) -> NatsServer:
-    """A JetStream-enabled nats-server on a free loopback port, ready when this returns."""
-    store_dir = tempfile.mkdtemp(prefix="broker-nats-")
-    ports_dir = Path(store_dir) / "ports"
-    ports_dir.mkdir()
+def start_nats_server(
+    *, port: int = -1, store_dir: str | None = None, timeout_seconds: float = 15.0
+) -> NatsServer:
+    """A JetStream-enabled nats-server on 127.0.0.1, ready when this returns. By default on a
+    free port with a new store; pass both to restart a stopped server where it was."""
+    store_dir = store_dir or tempfile.mkdtemp(prefix="broker-nats-")
+    ports_dir = Path(tempfile.mkdtemp(prefix="broker-nats-ports-"))
     process = subprocess.Popen(
         [
             nats_server_binary(),
@@ -50,7 +57,7 @@ def start_nats_server(*, timeout_seconds: float = 15.0) -> NatsServer:
             "--addr",
             "127.0.0.1",
             "--port",
-            "-1",  # any free port; the ports file says which
+            str(port),  # -1: any free port; the ports file says which
             "--http_port",
             "-1",
             "--store_dir",
@@ -68,6 +75,7 @@ def start_nats_server(*, timeout_seconds: float = 15.0) -> NatsServer:
                 ports = json.loads(ports_file.read_text())
             except ValueError:
                 continue  # being written
+            shutil.rmtree(ports_dir, ignore_errors=True)
             return NatsServer(process, ports["nats"][0], store_dir)
         if process.poll() is not None:
             raise RuntimeError(f"nats-server exited with {process.returncode}")

@@ -68,6 +68,11 @@ class Log(Protocol):
         ...
 
     @property
+    def available(self) -> bool:
+        """Whether appends and history reads can succeed now (the backplane is reachable)."""
+        ...
+
+    @property
     def first_seq(self) -> int:
         """The seq of the oldest retained event (``last_seq + 1`` when nothing is retained)."""
         ...

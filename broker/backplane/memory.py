@@ -79,6 +79,10 @@ class MemoryLog:
         return self._epoch
 
     @property
+    def available(self) -> bool:
+        return True
+
+    @property
     def first_seq(self) -> int:
         return self._base_seq + self._head
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import hashlib
 import logging
 import time
@@ -185,6 +186,7 @@ class JetStreamLog:
         self._loop: Any = None
         self._nc: Any = None
         self._js: Any = None
+        self._follower: Any = None
         self.connected = False
 
     # -- the Log interface -------------------------------------------------------------------
@@ -192,6 +194,10 @@ class JetStreamLog:
     @property
     def epoch(self) -> str:
         return self._epoch
+
+    @property
+    def available(self) -> bool:
+        return self.connected
 
     @property
     def first_seq(self) -> int:
@@ -299,8 +305,18 @@ class JetStreamLog:
             logger.warning("nats disconnected")
 
         async def reconnected() -> None:
-            self.connected = True
             logger.info("nats reconnected", extra={"server": str(self._nc.connected_url)})
+            # The ordered consumer does not survive a server restart: follow again from where
+            # this node stopped, so that nothing stored while we were away is missed.
+            try:
+                await self._aio_follow()
+            except (NatsError, TimeoutError) as exc:
+                logger.warning("cannot follow the stream yet", extra={"error": repr(exc)})
+                return
+            self.connected = True
+
+        async def error(exc: Exception) -> None:
+            logger.warning("nats error", extra={"error": repr(exc)})
 
         self._nc = await nats.connect(
             servers=self._servers,
@@ -309,6 +325,7 @@ class JetStreamLog:
             reconnect_time_wait=0.5,
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,
+            error_cb=error,
         )
         self.connected = True
         self._js = self._nc.jetstream()
@@ -320,19 +337,27 @@ class JetStreamLog:
         self._learn(info)
         self._last_seq = info.state.last_seq
         self._window.reset(self._last_seq)
-        await self._js.subscribe(
+        await self._aio_follow()
+
+    async def _aio_follow(self) -> None:
+        """(Re)start the ordered consumer right after the last event this node followed."""
+        if self._follower is not None:
+            with contextlib.suppress(NatsError, TimeoutError):
+                await self._follower.unsubscribe()
+        seen = self._incoming[-1].seq if self._incoming else self._last_seq
+        self._follower = await self._js.subscribe(
             f"{self._prefix}.>",
             stream=self._stream,
             cb=self._on_message,
             ordered_consumer=True,
             config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=self._last_seq + 1,
+                opt_start_seq=seen + 1,
             ),
         )
         logger.info(
             "following the stream",
-            extra={"stream": self._stream, "epoch": self._epoch, "from_seq": self._last_seq + 1},
+            extra={"stream": self._stream, "epoch": self._epoch, "from_seq": seen + 1},
         )
 
     async def _aio_refresh(self) -> StreamInfo:

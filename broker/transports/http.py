@@ -97,7 +97,7 @@ def create_quart_app(node: Node) -> QuartTrio:
 
     @app.post("/v1/topics/<path:topic>")
     async def publish(topic: str) -> Response:
-        node.check_available()
+        node.check_writable()
         validate_topic(topic)
         event = request.args.get("event")
         if event is not None:
@@ -116,7 +116,7 @@ def create_quart_app(node: Node) -> QuartTrio:
 
     @app.post("/v1/publish")
     async def publish_batch() -> Response:
-        node.check_available()
+        node.check_writable()
         media_type = (request.mimetype or "").lower()
         if media_type not in BATCH_MEDIA_TYPES:
             raise RequestError(
@@ -150,7 +150,8 @@ def create_quart_app(node: Node) -> QuartTrio:
     async def readyz() -> Response:
         if node.ready:
             return _json({"status": "ready", "epoch": node.log.epoch})
-        return _json({"status": "draining"}, 503)
+        status = "draining" if node.draining else "backplane-unavailable"
+        return _json({"status": status}, 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,7 +28,6 @@ from broker.backplane.base import AppendRequest, AppendResult, Log, ReadResult
 from broker.backplane.memory import MemoryLog
 from broker.backplane.nats import JetStreamLog
 from broker.model import Event, Filter, Gap
-from tests.natsserver import NatsServer, start_nats_server
 
 MiB = 1024 * 1024
 DEADLINE_SECONDS = 10  # for anything a test waits on: announcements, reads
@@ -131,13 +130,6 @@ class JetStreamLogFactory:
 
 
 FACTORIES: list[LogFactory] = [MemoryLogFactory(), JetStreamLogFactory()]
-
-
-@pytest.fixture(scope="session")
-def nats_server() -> Iterator[NatsServer]:
-    server = start_nats_server()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=FACTORIES, ids=lambda f: f.name)

@@ -1,0 +1,129 @@
+"""Cluster mode: broker nodes on a real nats-server share one JetStream stream."""
+
+from __future__ import annotations
+
+import itertools
+
+import httpx
+import nats
+import pytest
+import trio
+import trio_asyncio
+
+from broker.server import Running
+from tests.integration.clients import TRANSPORTS, subscribe, wait_for
+from tests.integration.conftest import StartBroker
+from tests.integration.test_transports import events, publish_mixed
+from tests.natsserver import NatsServer, start_nats_server
+
+_streams = itertools.count(1)
+
+
+async def start_cluster(
+    start_broker: StartBroker, server: NatsServer, nodes: int
+) -> tuple[list[Running], str]:
+    """``nodes`` brokers on one stream of their own; returns them and the subject prefix."""
+    n = next(_streams)
+    prefix = f"cluster{n}"
+    settings = {
+        "nats_urls": server.url,
+        "nats_stream": f"CLUSTER{n}",
+        "nats_subject_prefix": prefix,
+    }
+    return [await start_broker(**settings) for _ in range(nodes)], prefix
+
+
+async def publish_over_nats(url: str, subject: str, payloads: list[bytes]) -> None:
+    """A plain NATS client (core publish, no JetStream API), as any service would."""
+
+    async def publish() -> None:
+        client = await nats.connect(url)
+        for payload in payloads:
+            await client.publish(subject, payload)
+        await client.flush()
+        await client.close()
+
+    async with trio_asyncio.open_loop():
+        await trio_asyncio.aio_as_trio(publish)()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_every_node_delivers_every_message_with_the_same_seqs(
+    transport: str, start_broker: StartBroker, nats_server: NatsServer
+) -> None:
+    (a, b), prefix = await start_cluster(start_broker, nats_server, 2)
+    assert a.node.log.epoch == b.node.log.epoch  # one stream, one incarnation
+    async with (
+        subscribe(b.url, transport, ["orders.*"]) as on_b,
+        subscribe(a.url, transport, ["orders.*"]) as on_a,
+    ):
+        await wait_for(lambda: len(a.node.hub) == 1 and len(b.node.hub) == 1)
+        async with httpx.AsyncClient(base_url=a.url) as http:
+            sent = await publish_mixed(http, ["orders.eu", "orders.us"], 200)
+        direct = [f"direct {i}".encode() for i in range(50)]
+        await publish_over_nats(nats_server.url, f"{prefix}.orders.eu", direct)
+        await on_b.wait_count(250)
+        await on_a.wait_count(250)
+    got_b, got_a = events(on_b.received), events(on_a.received)
+    assert got_b[:200] == sent  # published on A over HTTP: same seqs, same order, on B
+    assert [data for _, data in got_b[200:]] == direct  # straight onto the bus
+    assert [seq for seq, _ in got_b] == sorted(seq for seq, _ in got_b)
+    assert got_a == got_b
+
+
+async def test_resume_on_another_node(start_broker: StartBroker, nats_server: NatsServer) -> None:
+    (a, b), _ = await start_cluster(start_broker, nats_server, 2)
+    async with httpx.AsyncClient(base_url=a.url) as http:
+        sent = await publish_mixed(http, ["r"], 100)
+    epoch = a.node.log.epoch
+    # a client that saw up to message 40 on node A resumes on node B
+    async with subscribe(b.url, "sse", ["r"], last_event_id=f"{epoch}:{sent[39][0]}") as feed:
+        assert events(await feed.take(60)) == sent[40:]
+
+
+async def test_the_nodes_share_the_idempotency_window(
+    start_broker: StartBroker, nats_server: NatsServer
+) -> None:
+    (a, b), _ = await start_cluster(start_broker, nats_server, 2)
+    headers = {"Idempotency-Key": "order-17"}
+    async with httpx.AsyncClient() as http:
+        first = (await http.post(f"{a.url}/v1/topics/o", content=b"x", headers=headers)).json()
+        again = (await http.post(f"{b.url}/v1/topics/o", content=b"x", headers=headers)).json()
+    assert again == {"seq": first["seq"], "duplicate": True}
+    with trio.fail_after(5):
+        while b.node.log.last_seq < first["seq"]:
+            await trio.sleep(0.01)
+    assert b.node.log.last_seq == first["seq"]  # stored once
+
+
+async def test_a_nats_outage_loses_nothing_that_was_acknowledged(
+    start_broker: StartBroker,
+) -> None:
+    server = start_nats_server()
+    try:
+        (node,), _ = await start_cluster(start_broker, server, 1)
+        async with (
+            subscribe(node.url, "ndjson", ["o"]) as feed,
+            httpx.AsyncClient(base_url=node.url) as http,
+        ):
+            await wait_for(lambda: len(node.node.hub) == 1)
+            acked = [
+                (await http.post("/v1/topics/o", content=f"before {i}".encode())).json()["seq"]
+                for i in range(10)
+            ]
+            server.stop(keep_store=True)
+            await wait_for(lambda: not node.node.ready)
+            assert (await http.get("/readyz")).json() == {"status": "backplane-unavailable"}
+            refused = [(await http.post("/v1/topics/o", content=b"lost?")) for _ in range(5)]
+            assert [r.status_code for r in refused] == [503] * 5  # failed fast, none acknowledged
+            server = start_nats_server(port=server.port, store_dir=server.store_dir)
+            await wait_for(lambda: node.node.ready, 20)
+            for i in range(10):
+                response = await http.post("/v1/topics/o", content=f"after {i}".encode())
+                acked.append(response.json()["seq"])
+            await feed.wait_count(20)
+        # the subscriber stayed connected and got every acknowledged message, once, in order
+        assert [item.seq for item in feed.received] == acked
+        print(f"\noutage: {len(acked)} acknowledged and delivered, 5 refused with 503")
+    finally:
+        server.stop()
