@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"broker {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_serve(commands)
+    cluster = commands.add_parser(
+        "cluster",
+        help="run a local cluster: a NATS cluster with JetStream and broker nodes on loopback",
+    )
+    cluster.add_argument("--nodes", type=int, default=3, help="broker nodes (default 3)")
+    cluster.add_argument("--nats", type=int, default=3, help="NATS servers (default 3)")
     from broker.client import cli as client_cli
 
     client_cli.add_commands(commands, default_url=DEFAULT_URL)
@@ -64,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.configure(settings.log_level, settings.log_format)
         trio.run(serve_until_signalled, settings)
         return 0
+    if args.command == "cluster":
+        from broker import cluster
+
+        return cluster.run(brokers=args.nodes, nats=args.nats)
     from broker.client import cli as client_cli
 
     return client_cli.run(args)

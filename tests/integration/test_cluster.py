@@ -11,7 +11,7 @@ import trio
 import trio_asyncio
 
 from broker.server import Running
-from tests.integration.clients import TRANSPORTS, subscribe, wait_for
+from tests.integration.clients import TRANSPORTS, Item, subscribe, wait_for
 from tests.integration.conftest import StartBroker
 from tests.integration.test_transports import events, publish_mixed
 from tests.natsserver import NatsServer, start_nats_server
@@ -127,3 +127,29 @@ async def test_a_nats_outage_loses_nothing_that_was_acknowledged(
         print(f"\noutage: {len(acked)} acknowledged and delivered, 5 refused with 503")
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_a_resume_older_than_the_streams_retention_gets_a_gap(
+    transport: str, start_broker: StartBroker, nats_server: NatsServer
+) -> None:
+    n = next(_streams)
+    running = await start_broker(
+        nats_urls=nats_server.url,
+        nats_stream=f"RETAIN{n}",
+        nats_subject_prefix=f"retain{n}",
+        retention_messages=50,
+    )
+    async with httpx.AsyncClient(base_url=running.url) as http:
+        body = "\n".join(f'{{"topic":"r","data":"m{i}"}}' for i in range(1, 101))
+        response = await http.post(
+            "/v1/publish", content=body, headers={"Content-Type": "application/x-ndjson"}
+        )
+        assert response.json()["seqs"] == list(range(1, 101))
+    await wait_for(lambda: running.node.log.first_seq == 51)  # the stream kept the last 50
+    epoch = running.node.log.epoch
+    resume = {"last_event_id": f"{epoch}:10"} if transport == "sse" else {"from_seq": 10}
+    async with subscribe(running.url, transport, ["r"], **resume) as feed:  # type: ignore[arg-type]
+        assert await feed.next() == Item("gap", 11, to_seq=50)
+        rest = await feed.take(50)
+    assert events(rest) == [(seq, f"m{seq}".encode()) for seq in range(51, 101)]
