@@ -153,3 +153,38 @@ async def test_a_resume_older_than_the_streams_retention_gets_a_gap(
         assert await feed.next() == Item("gap", 11, to_seq=50)
         rest = await feed.take(50)
     assert events(rest) == [(seq, f"m{seq}".encode()) for seq in range(51, 101)]
+
+
+async def test_a_resume_against_a_recreated_stream_gets_a_reset(
+    start_broker: StartBroker, nats_server: NatsServer
+) -> None:
+    n = next(_streams)
+    settings = {
+        "nats_urls": nats_server.url,
+        "nats_stream": f"REBORN{n}",
+        "nats_subject_prefix": f"reborn{n}",
+    }
+    first = await start_broker(**settings)
+    async with httpx.AsyncClient(base_url=first.url) as http:
+        for i in range(5):
+            await http.post("/v1/topics/r", content=f"old {i}".encode())
+    old_epoch = first.node.log.epoch
+    first.server.stop()
+    await first.server.stopped()
+
+    async def delete_stream() -> None:
+        client = await nats.connect(nats_server.url)
+        await client.jetstream().delete_stream(f"REBORN{n}")
+        await client.close()
+
+    async with trio_asyncio.open_loop():
+        await trio_asyncio.aio_as_trio(delete_stream)()
+    second = await start_broker(**settings)  # creates the stream anew: a new incarnation
+    assert second.node.log.epoch != old_epoch
+    async with httpx.AsyncClient(base_url=second.url) as http:
+        new = (await http.post("/v1/topics/r", content=b"new")).json()["seq"]
+    assert new == 1  # seqs start over: "1" of the old stream means something else now
+    async with subscribe(second.url, "sse", ["r"], last_event_id=f"{old_epoch}:3") as feed:
+        reset = await feed.next()
+        assert (reset.kind, reset.epoch) == ("reset", second.node.log.epoch)
+        assert (await feed.next()).data == b"new"  # then the new stream from its start
