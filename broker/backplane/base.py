@@ -15,6 +15,37 @@ from broker.model import Event, Filter, Gap
 
 EventsHandler = Callable[[Sequence[Event]], None]
 
+# A read examines at most this many retained events, matching or not, so that a filtered read
+# of a quiet topic in a busy log cannot hold the event loop for long.
+MAX_SCAN_PER_READ = 50_000
+
+
+def scan_matching(
+    events: Sequence[Event], start: int, stop: int, filter: Filter, limit: int
+) -> tuple[list[Event], int]:
+    """The events of ``events[start:stop]`` that ``filter`` matches, at most ``limit``, and the
+    index just after the last one examined (``stop`` unless the limit was reached)."""
+    out: list[Event] = []
+    if not filter.wildcards and len(filter.literals) == 1:
+        (topic,) = filter.literals
+        for i in range(start, stop):
+            if events[i].topic == topic:
+                out.append(events[i])
+                if len(out) >= limit:
+                    return out, i + 1
+        return out, stop
+    matches: dict[str, bool] = {}  # one pattern match per topic, not per event
+    for i in range(start, stop):
+        event = events[i]
+        hit = matches.get(event.topic)
+        if hit is None:
+            hit = matches[event.topic] = filter.matches(event.topic)
+        if hit:
+            out.append(event)
+            if len(out) >= limit:
+                return out, i + 1
+    return out, stop
+
 
 @dataclass(frozen=True, slots=True)
 class AppendRequest:

@@ -21,17 +21,15 @@ from typing import Any
 import trio
 
 from broker.backplane.base import (
+    MAX_SCAN_PER_READ,
     AppendRequest,
     AppendResult,
     EventsHandler,
     LogStatistics,
     ReadResult,
+    scan_matching,
 )
 from broker.model import Event, Filter, Gap, event_size
-
-# Reads look at no more than this many events per call, matching or not, so that a filtered
-# read of a quiet topic in a busy log cannot hold the event loop for long.
-MAX_SCAN_PER_READ = 50_000
 
 
 def new_epoch() -> str:
@@ -147,30 +145,8 @@ class MemoryLog:
         stop = min(len(self._events), start + MAX_SCAN_PER_READ)
         if start >= stop:
             return ReadResult((), max(after_seq, self.last_seq), gap)
-        events = self._events
-        out: list[Event] = []
-        literals = filter.literals
-        if not filter.wildcards and len(literals) == 1:
-            (topic,) = literals
-            for i in range(start, stop):
-                if events[i].topic == topic:
-                    out.append(events[i])
-                    if len(out) >= limit:
-                        stop = i + 1
-                        break
-        else:
-            matches: dict[str, bool] = {}
-            for i in range(start, stop):
-                event = events[i]
-                hit = matches.get(event.topic)
-                if hit is None:
-                    hit = matches[event.topic] = filter.matches(event.topic)
-                if hit:
-                    out.append(event)
-                    if len(out) >= limit:
-                        stop = i + 1
-                        break
-        return ReadResult(out, self._base_seq + stop - 1, gap)
+        out, end = scan_matching(self._events, start, stop, filter, limit)
+        return ReadResult(out, self._base_seq + end - 1, gap)
 
     def on_events(self, handler: EventsHandler) -> None:
         self._handlers.append(handler)

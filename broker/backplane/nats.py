@@ -36,11 +36,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig, 
 from nats.js.errors import BadRequestError
 
 from broker.backplane.base import (
+    MAX_SCAN_PER_READ,
     AppendRequest,
     AppendResult,
     EventsHandler,
     LogStatistics,
     ReadResult,
+    scan_matching,
 )
 from broker.errors import Unavailable
 from broker.model import Event, Filter, Gap, event_size
@@ -51,7 +53,6 @@ HEADER_CONTENT_TYPE = "Content-Type"
 HEADER_EVENT = "Broker-Event"
 HEADER_MSG_ID = "Nats-Msg-Id"  # JetStream's own dedupe header: our Idempotency-Key
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
-MAX_SCAN_PER_READ = 50_000  # as MemoryLog: a filtered read yields the loop regularly
 PUBLISH_TIMEOUT_SECONDS = 5.0
 DEEP_READ_TIMEOUT_SECONDS = 5.0
 STREAM_SETUP_SECONDS = 60.0  # how long a starting node waits for JetStream to take its stream
@@ -112,19 +113,9 @@ class Window:
         events = self._events
         start = max(bisect.bisect_right(self._seqs, after_seq), self._head)
         stop = min(len(events), start + MAX_SCAN_PER_READ)
-        out: list[Event] = []
-        matches: dict[str, bool] = {}
-        for i in range(start, stop):
-            event = events[i]
-            hit = matches.get(event.topic)
-            if hit is None:
-                hit = matches[event.topic] = filter.matches(event.topic)
-            if hit:
-                out.append(event)
-                if len(out) >= limit:
-                    return ReadResult(out, event.seq)
-        if stop < len(events):
-            return ReadResult(out, events[stop - 1].seq)
+        out, end = scan_matching(events, start, stop, filter, limit)
+        if end < len(events):  # the limit or the scan cap stopped it
+            return ReadResult(out, events[end - 1].seq)
         return ReadResult(out, max(after_seq, last_seq))
 
 
