@@ -33,7 +33,7 @@ import trio
 import trio_asyncio
 from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig, StreamInfo
-from nats.js.errors import BadRequestError
+from nats.js.errors import APIError, BadRequestError, ServiceUnavailableError
 
 from broker.backplane.base import (
     MAX_SCAN_PER_READ,
@@ -160,8 +160,14 @@ class JetStreamLog:
             max_msgs=retention_messages,
             max_bytes=retention_bytes,
             max_age=retention_seconds,
-            duplicate_window=dedupe_window_seconds,
+            # JetStream refuses a duplicate window longer than the stream's max age
+            duplicate_window=min(dedupe_window_seconds, retention_seconds),
         )
+        if dedupe_window_seconds > retention_seconds:
+            logger.warning(
+                "the idempotency window is cut to the retention age",
+                extra={"dedupe_window_seconds": retention_seconds},
+            )
         self._window = Window(
             max_events=window_events, max_bytes=window_bytes, max_age_seconds=retention_seconds
         )
@@ -337,6 +343,12 @@ class JetStreamLog:
                 except BadRequestError:  # it exists with other limits: adopt it, with ours
                     info = await self._js.update_stream(self._config)
                 return info
+            except APIError as exc:
+                if not isinstance(exc, ServiceUnavailableError):  # a refusal, not a transient
+                    raise Unavailable(f"JetStream refused the stream: {exc.description}") from exc
+                if asyncio.get_running_loop().time() > deadline:
+                    raise Unavailable(f"cannot create or adopt the stream: {exc!r}") from exc
+                logger.warning("stream not ready yet", extra={"error": repr(exc)})
             except (NatsError, TimeoutError) as exc:
                 if asyncio.get_running_loop().time() > deadline:
                     raise Unavailable(f"cannot create or adopt the stream: {exc!r}") from exc

@@ -188,3 +188,26 @@ async def test_a_resume_against_a_recreated_stream_gets_a_reset(
         reset = await feed.next()
         assert (reset.kind, reset.epoch) == ("reset", second.node.log.epoch)
         assert (await feed.next()).data == b"new"  # then the new stream from its start
+
+
+async def test_retention_by_age_on_the_servers_clock(
+    start_broker: StartBroker, nats_server: NatsServer
+) -> None:
+    # The conformance suite's age tests move a fake clock; JetStream ages by the server's own,
+    # so this one waits (under a deadline) for a 1 s max_age to expire three events.
+    n = next(_streams)
+    running = await start_broker(
+        nats_urls=nats_server.url,
+        nats_stream=f"AGE{n}",
+        nats_subject_prefix=f"age{n}",
+        retention_seconds=1.0,
+    )
+    async with httpx.AsyncClient(base_url=running.url) as http:
+        for i in range(3):
+            await http.post("/v1/topics/a", content=f"old {i}".encode())
+        await wait_for(lambda: running.node.log.first_seq == 4, 15)  # all three expired
+        fresh = (await http.post("/v1/topics/a", content=b"fresh")).json()["seq"]
+    assert fresh == 4
+    async with subscribe(running.url, "ndjson", ["a"], from_seq=0) as feed:
+        assert await feed.next() == Item("gap", 1, to_seq=3)
+        assert (await feed.next()).data == b"fresh"
