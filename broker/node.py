@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
+from typing import Any
 
 import trio
 
@@ -175,12 +176,14 @@ class Node:
         transport: str,
         *,
         page_events: int | None = None,
-        cut: Callable[[], bool] | None = None,
+        client: tuple[Any, ...] | None = None,
         heartbeat: bytes | None = None,
     ) -> Iterator[Outlet]:
         """An outlet registered for metrics and drain; always released on exit.
 
-        ``heartbeat`` is written after ``heartbeat_seconds`` of silence (None: never).
+        ``heartbeat`` is written after ``heartbeat_seconds`` of silence (None: never);
+        ``client`` is the peer's address (ASGI ``scope["client"]``), by which a write that
+        stays stuck is cut.
         """
         settings = self.settings
         outlet = Outlet(
@@ -194,8 +197,8 @@ class Node:
             page_events=page_events or settings.catchup_page_events,
             on_delivered=self.metrics.count_delivered,
         )
-        if cut is not None:
-            outlet.cut = cut
+        if client is not None:
+            outlet.cut = partial(self.connections.cut, client)
         self.outlets.add(outlet)
         self.metrics.count_connection(transport)
         try:

@@ -67,10 +67,9 @@ async def serve(
     framing = node.framings.sse if transport == "sse" else node.framings.ndjson
     sink = AsgiBodySink(send)
     gone = False
-    client = scope.get("client")
     heartbeat = sse.HEARTBEAT if transport == "sse" else ndjson.HEARTBEAT
-    cut = lambda: node.connections.cut(client)  # noqa: E731
-    with node.outlet(sink, framing, transport, cut=cut, heartbeat=heartbeat) as outlet:
+    client = scope.get("client")
+    with node.outlet(sink, framing, transport, client=client, heartbeat=heartbeat) as outlet:
         position = f"{node.log.epoch}:{sub.position}"
         if transport == "sse":
             # The id with no data sets EventSource's last event id without firing an event, so

@@ -56,12 +56,12 @@ async def serve(node: Node, scope: Scope, receive: Receive, send: Send) -> None:
         return await _refuse(scope, send, error)
     await send({"type": "websocket.accept", "subprotocol": codec.value if offered else None})
     sink = AsgiWebSocketSink(send, text=codec is ws.Codec.JSON)
-    client = scope.get("client")
-    cut = lambda: node.connections.cut(client)  # noqa: E731
     # An application frame, not a protocol ping: browsers never see pings, so only this lets
     # a client notice a dead connection (and hypercorn's ping task outlives closed sockets).
     heartbeat = ws.frame_bytes(ws.encode_frame(codec, {"type": "heartbeat"}))
-    with node.outlet(sink, node.framings.ws[codec], "ws", cut=cut, heartbeat=heartbeat) as outlet:
+    framing = node.framings.ws[codec]
+    client = scope.get("client")
+    with node.outlet(sink, framing, "ws", client=client, heartbeat=heartbeat) as outlet:
         session = _Session(node, outlet, sink, codec)
         async with trio.open_nursery() as nursery:
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import httpx
 import nats
@@ -19,18 +20,23 @@ from tests.natsserver import NatsServer, start_nats_server
 _streams = itertools.count(1)
 
 
+def cluster_settings(server: NatsServer, name: str = "cluster", **overrides: Any) -> dict[str, Any]:
+    """Settings for nodes of one new stream (and subject prefix) of their own on ``server``."""
+    n = next(_streams)
+    return {
+        "nats_urls": server.url,
+        "nats_stream": f"{name.upper()}{n}",
+        "nats_subject_prefix": f"{name}{n}",
+        **overrides,
+    }
+
+
 async def start_cluster(
     start_broker: StartBroker, server: NatsServer, nodes: int
 ) -> tuple[list[Running], str]:
     """``nodes`` brokers on one stream of their own; returns them and the subject prefix."""
-    n = next(_streams)
-    prefix = f"cluster{n}"
-    settings = {
-        "nats_urls": server.url,
-        "nats_stream": f"CLUSTER{n}",
-        "nats_subject_prefix": prefix,
-    }
-    return [await start_broker(**settings) for _ in range(nodes)], prefix
+    settings = cluster_settings(server)
+    return [await start_broker(**settings) for _ in range(nodes)], settings["nats_subject_prefix"]
 
 
 async def publish_over_nats(url: str, subject: str, payloads: list[bytes]) -> None:
@@ -133,13 +139,7 @@ async def test_a_nats_outage_loses_nothing_that_was_acknowledged(
 async def test_a_resume_older_than_the_streams_retention_gets_a_gap(
     transport: str, start_broker: StartBroker, nats_server: NatsServer
 ) -> None:
-    n = next(_streams)
-    running = await start_broker(
-        nats_urls=nats_server.url,
-        nats_stream=f"RETAIN{n}",
-        nats_subject_prefix=f"retain{n}",
-        retention_messages=50,
-    )
+    running = await start_broker(**cluster_settings(nats_server, "retain", retention_messages=50))
     async with httpx.AsyncClient(base_url=running.url) as http:
         body = "\n".join(f'{{"topic":"r","data":"m{i}"}}' for i in range(1, 101))
         response = await http.post(
@@ -158,12 +158,7 @@ async def test_a_resume_older_than_the_streams_retention_gets_a_gap(
 async def test_a_resume_against_a_recreated_stream_gets_a_reset(
     start_broker: StartBroker, nats_server: NatsServer
 ) -> None:
-    n = next(_streams)
-    settings = {
-        "nats_urls": nats_server.url,
-        "nats_stream": f"REBORN{n}",
-        "nats_subject_prefix": f"reborn{n}",
-    }
+    settings = cluster_settings(nats_server, "reborn")
     first = await start_broker(**settings)
     async with httpx.AsyncClient(base_url=first.url) as http:
         for i in range(5):
@@ -174,7 +169,7 @@ async def test_a_resume_against_a_recreated_stream_gets_a_reset(
 
     async def delete_stream() -> None:
         client = await nats.connect(nats_server.url)
-        await client.jetstream().delete_stream(f"REBORN{n}")
+        await client.jetstream().delete_stream(settings["nats_stream"])
         await client.close()
 
     async with trio_asyncio.open_loop():
@@ -195,13 +190,7 @@ async def test_retention_by_age_on_the_servers_clock(
 ) -> None:
     # The conformance suite's age tests move a fake clock; JetStream ages by the server's own,
     # so this one waits (under a deadline) for a 1 s max_age to expire three events.
-    n = next(_streams)
-    running = await start_broker(
-        nats_urls=nats_server.url,
-        nats_stream=f"AGE{n}",
-        nats_subject_prefix=f"age{n}",
-        retention_seconds=1.0,
-    )
+    running = await start_broker(**cluster_settings(nats_server, "age", retention_seconds=1.0))
     async with httpx.AsyncClient(base_url=running.url) as http:
         for i in range(3):
             await http.post("/v1/topics/a", content=f"old {i}".encode())
