@@ -44,6 +44,7 @@ class Settings:
     retention_messages: int = 1_000_000
     retention_bytes: int = 256 * MiB
     retention_seconds: float = 3600.0
+    retention_messages_per_topic: int = 0  # 0: no limit (JetStream's max_msgs_per_subject)
     dedupe_window_seconds: float = 120.0  # JetStream's default duplicate window (2 min)
     max_payload_bytes: int = 1 * MiB  # NATS' default max_payload
     max_batch_bytes: int = 16 * MiB
@@ -90,7 +91,7 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-_ZERO_ALLOWED = {"port"}
+_ZERO_ALLOWED = {"port", "retention_messages_per_topic"}  # 0: any port; no limit
 _FIELDS = frozenset(f.name for f in fields(Settings))
 
 

@@ -212,10 +212,13 @@ class Outlet:
         items: list[Item | Event] = []
         if result.gap is not None:
             items.append(result.gap)
+        if result.topic_gaps:
+            items.extend(sub.new_topic_gaps(result.topic_gaps))
+        gaps = len(items)
         items.extend(result.events)
         if items:
             await self._write(self.framing.render(sub, items))
-        sub.advance(result.scanned_to, result.gap)
+        sub.advance(result.scanned_to, gaps)
         self._count(sub, len(result.events))
         sub.try_go_live(self.hub.routed_seq)
 

@@ -150,7 +150,7 @@ class Hub:
         """Offer ``events`` (seq-ordered, all newer than `routed_seq`) to every subscription."""
         if not events:
             return
-        if events[0].seq > self.routed_seq + 1:
+        if events[-1].seq - self.routed_seq != len(events):  # a seq is missing (seqs increase)
             # The log deleted events before this node could follow them (JetStream's limits can;
             # the memory log cannot): nobody may skip them silently, so every live subscription
             # goes back through the log, whose read reports the loss as a gap.

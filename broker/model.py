@@ -54,10 +54,16 @@ def event_size(event: Event) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Gap:
-    """Control event: events with seq in [from_seq, to_seq] may be missing for this client."""
+    """Control event: events with seq in [from_seq, to_seq] may be missing for this client.
+
+    With a ``topic``, only that topic's events in the range may be missing (retention by
+    messages per topic deletes inside the retained range); other topics' events in the range
+    still follow, so the client's position does not move past the range.
+    """
 
     from_seq: int
     to_seq: int
+    topic: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

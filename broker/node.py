@@ -35,13 +35,13 @@ class Framings:
         self.epoch = epoch
         self.sse = Framing(
             Format("sse", partial(sse.encode_event, epoch=epoch)),
-            gap=lambda sub, g: sse.encode_gap(g.from_seq, g.to_seq, epoch),
+            gap=lambda sub, g: sse.encode_gap(g.from_seq, g.to_seq, epoch, g.topic),
             reset=lambda sub, r: sse.encode_reset(r.epoch),
             joined=True,
         )
         self.ndjson = Framing(
             Format("ndjson", ndjson.encode_event),
-            gap=lambda sub, g: ndjson.encode_control("gap", from_seq=g.from_seq, to_seq=g.to_seq),
+            gap=_ndjson_gap,
             reset=lambda sub, r: ndjson.encode_control("reset", epoch=r.epoch),
             joined=True,
         )
@@ -62,11 +62,20 @@ def _ws_event_encoder(codec: ws.Codec) -> Callable[[Event], bytes]:
     return ws.encode_event_msgpack
 
 
+def _gap_fields(gap: Gap) -> dict[str, object]:
+    fields: dict[str, object] = {"from_seq": gap.from_seq, "to_seq": gap.to_seq}
+    if gap.topic is not None:
+        fields["topic"] = gap.topic
+    return fields
+
+
+def _ndjson_gap(sub: Subscription, gap: Gap) -> bytes:
+    return ndjson.encode_control("gap", **_gap_fields(gap))
+
+
 def _ws_gap(codec: ws.Codec, sub: Subscription, gap: Gap) -> bytes:
     return ws.frame_bytes(
-        ws.encode_frame(
-            codec, {"type": "gap", "sub": sub.id, "from_seq": gap.from_seq, "to_seq": gap.to_seq}
-        )
+        ws.encode_frame(codec, {"type": "gap", "sub": sub.id, **_gap_fields(gap)})
     )
 
 

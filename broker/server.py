@@ -45,6 +45,7 @@ def make_log(settings: Settings) -> Log:
             retention_messages=settings.retention_messages,
             retention_bytes=settings.retention_bytes,
             retention_seconds=settings.retention_seconds,
+            retention_messages_per_topic=settings.retention_messages_per_topic,
             dedupe_window_seconds=settings.dedupe_window_seconds,
         )
     return JetStreamLog(
@@ -55,6 +56,7 @@ def make_log(settings: Settings) -> Log:
         retention_messages=settings.retention_messages,
         retention_bytes=settings.retention_bytes,
         retention_seconds=settings.retention_seconds,
+        retention_messages_per_topic=settings.retention_messages_per_topic,
         dedupe_window_seconds=settings.dedupe_window_seconds,
     )
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from broker.encoding import Run
@@ -99,6 +99,7 @@ class Subscription:
         self.delivered_events = 0
         self.catchups = 0
         self.gaps = 0
+        self._topic_gaps_to: dict[str | None, int] = {}  # per-topic gaps handed out, while ahead
 
     # -- the hub's side: synchronous, bounded --------------------------------------------------
 
@@ -171,11 +172,25 @@ class Subscription:
     def has_pending(self) -> bool:
         return bool(self._items)
 
-    def advance(self, scanned_to: int, gap: Gap | None = None) -> None:
-        """A catch-up page up to ``scanned_to`` was written."""
-        if gap is not None:
-            self.gaps += 1
+    def new_topic_gaps(self, gaps: Sequence[Gap]) -> list[Gap]:
+        """The part of a catch-up page's per-topic gaps not handed out yet: each page reports
+        what a topic lost after the page's start, so the next pages repeat it."""
+        fresh = []
+        for gap in gaps:
+            told = self._topic_gaps_to.get(gap.topic, 0)
+            if gap.to_seq > told:
+                self._topic_gaps_to[gap.topic] = gap.to_seq
+                fresh.append(Gap(max(gap.from_seq, told + 1), gap.to_seq, gap.topic))
+        return fresh
+
+    def advance(self, scanned_to: int, gaps: int = 0) -> None:
+        """A catch-up page up to ``scanned_to`` was written, with ``gaps`` gaps in it."""
+        self.gaps += gaps
         self.position = max(self.position, scanned_to)
+        if self._topic_gaps_to:
+            told = self._topic_gaps_to
+            for topic in [t for t, to_seq in told.items() if to_seq <= self.position]:
+                del told[topic]
 
     def try_go_live(self, live_edge: int) -> bool:
         """Re-join the live stream if the catch-up reached ``live_edge`` (the hub's routed seq)."""

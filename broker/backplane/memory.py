@@ -8,6 +8,10 @@ To tell a resuming client *precisely* whether it lost something, the log remembe
 the highest seq it has trimmed (a watermark). A quiet topic is therefore not reported as having
 a gap just because a busy topic rolled the window. The watermarks are bounded: past
 ``max_watermark_topics`` the oldest are folded into one conservative floor.
+
+Retention by messages per topic (as JetStream's ``max_msgs_per_subject``) deletes a topic's
+oldest event from inside the retained range: it is replaced by a tombstone that no filter
+matches, and reads report that topic's loss with a per-topic gap.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ import trio
 
 from broker.backplane.base import (
     MAX_SCAN_PER_READ,
+    TOMBSTONE_TOPIC,
     AppendRequest,
     AppendResult,
     EventsHandler,
     LogStatistics,
     ReadResult,
+    TopicLimit,
     scan_matching,
+    tombstone,
 )
 from broker.model import Event, Filter, Gap, event_size
 
@@ -44,6 +51,7 @@ class MemoryLog:
         retention_messages: int = 1_000_000,
         retention_bytes: int = 256 * 1024 * 1024,
         retention_seconds: float = 3600.0,
+        retention_messages_per_topic: int = 0,  # 0: no limit
         dedupe_window_seconds: float = 120.0,
         max_watermark_topics: int = 100_000,
         max_dedupe_keys: int = 1_000_000,  # a memory bound: ~150 MB of keys at most
@@ -69,6 +77,8 @@ class MemoryLog:
         self._handlers: list[EventsHandler] = []
         self._trimmed = 0
         self._duplicates = 0
+        self._per_topic = TopicLimit(retention_messages_per_topic)
+        self._tombstones = 0  # in the retained range
 
     # -- the Log interface -------------------------------------------------------------------
 
@@ -120,6 +130,9 @@ class MemoryLog:
             self._events.append(event)
             self._bytes += event_size(event)
             stored.append(event)
+            victim = self._per_topic.added(event)
+            if victim is not None:
+                self._delete(victim)
             if key is not None:
                 batch_keys[key] = event.seq
                 self._dedupe[key] = (event.seq, now)
@@ -136,17 +149,20 @@ class MemoryLog:
     def read_nowait(self, filter: Filter, after_seq: int, limit: int) -> ReadResult:
         self._trim(self._clock())
         gap = None
-        # Only trimmed events (all below first_seq) can be lost, so most reads skip the check.
-        lost_to = self._lost_up_to(filter) if after_seq + 1 < self.first_seq else 0
-        if lost_to > after_seq:
-            gap = Gap(after_seq + 1, lost_to)
-            after_seq = lost_to
+        # Below first_seq everything is gone: one gap, up to the last the filter lost there.
+        if after_seq + 1 < self.first_seq:
+            lost_to = min(self._lost_up_to(filter), self.first_seq - 1)
+            if lost_to > after_seq:
+                gap = Gap(after_seq + 1, lost_to)
+                after_seq = lost_to
+        # Inside the retained range only the limit per topic deletes: per-topic gaps.
+        topic_gaps = self._per_topic.gaps(filter, after_seq, self.first_seq)
         start = max(after_seq + 1, self.first_seq) - self._base_seq
         stop = min(len(self._events), start + MAX_SCAN_PER_READ)
         if start >= stop:
-            return ReadResult((), max(after_seq, self.last_seq), gap)
+            return ReadResult((), max(after_seq, self.last_seq), gap, topic_gaps)
         out, end = scan_matching(self._events, start, stop, filter, limit)
-        return ReadResult(out, self._base_seq + end - 1, gap)
+        return ReadResult(out, self._base_seq + end - 1, gap, topic_gaps)
 
     def on_events(self, handler: EventsHandler) -> None:
         self._handlers.append(handler)
@@ -159,13 +175,14 @@ class MemoryLog:
             now = self._clock()
             self._trim(now)
             self._expire_dedupe(now)
+            self._per_topic.forget_below(self.first_seq)
 
     def statistics(self) -> LogStatistics:
         return LogStatistics(
             epoch=self._epoch,
             first_seq=self.first_seq,
             last_seq=self.last_seq,
-            retained_events=len(self._events) - self._head,
+            retained_events=len(self._events) - self._head - self._tombstones,
             retained_bytes=self._bytes,
             trimmed_events=self._trimmed,
             duplicates=self._duplicates,
@@ -177,21 +194,38 @@ class MemoryLog:
         events = self._events
         oldest_allowed = now - self._retention_seconds
         head = self._head
+        trimmed = 0
         while head < len(events) and (
-            len(events) - head > self._retention_messages
+            len(events) - head - self._tombstones > self._retention_messages
             or self._bytes > self._retention_bytes
             or events[head].time < oldest_allowed
+            or events[head].topic == TOMBSTONE_TOPIC  # the first retained event is a real one
         ):
             event = events[head]
             self._bytes -= event_size(event)
-            self._note_trimmed(event)
+            if event.topic == TOMBSTONE_TOPIC:
+                self._tombstones -= 1
+            else:
+                self._note_trimmed(event)
+                self._per_topic.trimmed(event)
+                trimmed += 1
             head += 1
-        self._trimmed += head - self._head
+        self._trimmed += trimmed
         self._head = head
         if head > 1024 and head * 2 > len(events):
             del events[:head]
             self._base_seq += head
             self._head = 0
+
+    def _delete(self, seq: int) -> None:
+        """Delete one event from inside the retained range (the limit per topic)."""
+        index = seq - self._base_seq
+        event = self._events[index]
+        dead = self._events[index] = tombstone(event)
+        self._bytes -= event_size(event) - event_size(dead)
+        self._tombstones += 1
+        self._trimmed += 1
+        self._note_trimmed(event)
 
     def _note_trimmed(self, event: Event) -> None:
         watermarks = self._watermarks

@@ -14,7 +14,12 @@ everything that accumulated as one batch.
   positions are read from JetStream with an ephemeral consumer filtered by the subscription's
   subjects, starting at the requested seq.
 - Gaps from JetStream are conservative: anything before the stream's first retained seq may be
-  lost (JetStream keeps no record of what it deleted, per subject).
+  lost (JetStream keeps no record of what it deleted, per subject). With a limit of messages
+  per subject, a subject at its limit whose first retained message comes after the position may
+  have lost what lies between: a per-topic gap. The window applies the same limit to what it
+  has followed and knows exactly what it deleted.
+- A seq the follower never saw (the stream deleted it before this node followed it) is a hole:
+  the window then restarts after it, so reads of that range go to the stream.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import trio
 import trio_asyncio
 from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig, StreamInfo
-from nats.js.errors import APIError, BadRequestError, ServiceUnavailableError
+from nats.js.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
 
 from broker.backplane.base import (
     MAX_SCAN_PER_READ,
@@ -42,7 +47,9 @@ from broker.backplane.base import (
     EventsHandler,
     LogStatistics,
     ReadResult,
+    TopicLimit,
     scan_matching,
+    tombstone,
 )
 from broker.errors import Unavailable
 from broker.model import Event, Filter, Gap, event_size
@@ -61,7 +68,14 @@ STREAM_SETUP_SECONDS = 60.0  # how long a starting node waits for JetStream to t
 class Window:
     """The stream's most recent events, in seq order, held to the stream's retention limits."""
 
-    def __init__(self, *, max_events: int, max_bytes: int, max_age_seconds: float) -> None:
+    def __init__(
+        self,
+        *,
+        max_events: int,
+        max_bytes: int,
+        max_age_seconds: float,
+        max_per_topic: int = 0,
+    ) -> None:
         self._events: list[Event] = []
         self._seqs: list[int] = []
         self._head = 0
@@ -69,11 +83,13 @@ class Window:
         self._max_events = max_events
         self._max_bytes = max_bytes
         self._max_age_seconds = max_age_seconds
+        self.per_topic = TopicLimit(max_per_topic)
         # Every event with seq > start that the node has followed is here.
         self.start = 0
 
     def reset(self, start: int) -> None:
         self._events, self._seqs, self._head, self._bytes = [], [], 0, 0
+        self.per_topic.clear()
         self.start = start
 
     def extend(self, events: Sequence[Event]) -> None:
@@ -81,6 +97,12 @@ class Window:
             self._events.append(event)
             self._seqs.append(event.seq)
             self._bytes += event_size(event)
+            victim = self.per_topic.added(event)
+            if victim is not None:
+                index = bisect.bisect_left(self._seqs, victim, self._head)
+                dead = tombstone(self._events[index])
+                self._bytes -= event_size(self._events[index]) - event_size(dead)
+                self._events[index] = dead
 
     def trim(self, now: float, *, below: int = 0) -> None:
         """Drop events past the window's own limits, older than the stream keeps, or with a
@@ -94,6 +116,7 @@ class Window:
             or events[head].seq < below
         ):
             self._bytes -= event_size(events[head])
+            self.per_topic.trimmed(events[head])
             self.start = events[head].seq
             head += 1
         self._head = head
@@ -114,9 +137,19 @@ class Window:
         start = max(bisect.bisect_right(self._seqs, after_seq), self._head)
         stop = min(len(events), start + MAX_SCAN_PER_READ)
         out, end = scan_matching(events, start, stop, filter, limit)
+        # The stream's own first seq is at or below start: marks below start are forgotten.
+        topic_gaps = self.per_topic.gaps(filter, after_seq, self.start + 1)
         if end < len(events):  # the limit or the scan cap stopped it
-            return ReadResult(out, events[end - 1].seq)
-        return ReadResult(out, max(after_seq, last_seq))
+            return ReadResult(out, events[end - 1].seq, None, topic_gaps)
+        return ReadResult(out, max(after_seq, last_seq), None, topic_gaps)
+
+
+def _after_last_hole(events: Sequence[Event]) -> int:
+    """The index of the first event after the last missing seq (0: the hole is before them)."""
+    for i in range(len(events) - 1, 0, -1):
+        if events[i].seq != events[i - 1].seq + 1:
+            return i
+    return 0
 
 
 def _epoch_of(info: StreamInfo) -> str:
@@ -145,6 +178,7 @@ class JetStreamLog:
         retention_messages: int = 1_000_000,
         retention_bytes: int = 256 * 1024 * 1024,
         retention_seconds: float = 3600.0,
+        retention_messages_per_topic: int = 0,  # 0: no limit
         dedupe_window_seconds: float = 120.0,
         window_events: int = 100_000,
         window_bytes: int = 64 * 1024 * 1024,
@@ -160,6 +194,7 @@ class JetStreamLog:
             max_msgs=retention_messages,
             max_bytes=retention_bytes,
             max_age=retention_seconds,
+            max_msgs_per_subject=retention_messages_per_topic or -1,
             # JetStream refuses a duplicate window longer than the stream's max age
             duplicate_window=min(dedupe_window_seconds, retention_seconds),
         )
@@ -168,8 +203,12 @@ class JetStreamLog:
                 "the idempotency window is cut to the retention age",
                 extra={"dedupe_window_seconds": retention_seconds},
             )
+        self._per_topic_limit = retention_messages_per_topic
         self._window = Window(
-            max_events=window_events, max_bytes=window_bytes, max_age_seconds=retention_seconds
+            max_events=window_events,
+            max_bytes=window_bytes,
+            max_age_seconds=retention_seconds,
+            max_per_topic=retention_messages_per_topic,
         )
         self._refresh_seconds = refresh_seconds
         self._handlers: list[EventsHandler] = []
@@ -224,11 +263,13 @@ class JetStreamLog:
         self._window.trim(time.time(), below=self._first_seq)
         if after_seq >= self._window.start:
             page = self._window.read(filter, after_seq, limit, self._last_seq)
-            return ReadResult(page.events, page.scanned_to, gap)
+            return ReadResult(page.events, page.scanned_to, gap, page.topic_gaps)
         deep: ReadResult = await self._aio(self._aio_read)(filter, after_seq, limit)
         if gap is not None:  # the deep read may have found the stream shrunk further
             to_seq = deep.gap.to_seq if deep.gap is not None else gap.to_seq
-            return ReadResult(deep.events, deep.scanned_to, Gap(gap.from_seq, to_seq))
+            return ReadResult(
+                deep.events, deep.scanned_to, Gap(gap.from_seq, to_seq), deep.topic_gaps
+            )
         return deep
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -275,6 +316,7 @@ class JetStreamLog:
                     await self._aio(self._aio_refresh)()
                 except Unavailable as exc:
                     logger.warning("cannot read the stream's state", extra={"error": str(exc)})
+            self._window.per_topic.forget_below(self._first_seq)
 
     async def _announce(self) -> None:
         """Hand what the follower received to the handlers, one batch per wake-up."""
@@ -286,11 +328,15 @@ class JetStreamLog:
                 batch = [event for event in batch if event.seq > self._last_seq]
                 if not batch:
                     continue
-            if batch[0].seq > self._last_seq + 1:
-                # The stream deleted what lies between before we followed it: the window must
-                # not claim to hold that range, so reads of it go to the stream (and get a gap).
-                self._window.reset(batch[0].seq - 1)
-            self._window.extend(batch)
+            if batch[-1].seq - self._last_seq != len(batch):
+                # The stream deleted some seqs before we followed them (a hole): the window must
+                # not claim to hold them, so it restarts after the last hole and reads of the
+                # range go to the stream (which reports the loss as a gap).
+                after_hole = _after_last_hole(batch)
+                self._window.reset(batch[after_hole].seq - 1)
+                self._window.extend(batch[after_hole:])
+            else:
+                self._window.extend(batch)
             self._window.trim(time.time(), below=self._first_seq)
             self._last_seq = batch[-1].seq
             for handler in self._handlers:
@@ -484,7 +530,37 @@ class JetStreamLog:
         except (TimeoutError, NatsError) as exc:
             raise Unavailable(f"the backplane did not answer a history read: {exc!r}") from exc
         events = [self._event_of(m) for m in messages]
+        topic_gaps = await self._aio_topic_gaps(subjects, after_seq)
         if len(events) >= limit:
-            return ReadResult(events, events[-1].seq, gap)
+            return ReadResult(events, events[-1].seq, gap, topic_gaps)
         scanned = max(last, events[-1].seq if events else 0)
-        return ReadResult(events, scanned, gap)
+        return ReadResult(events, scanned, gap, topic_gaps)
+
+    async def _aio_topic_gaps(self, subjects: Sequence[str], after_seq: int) -> list[Gap]:
+        """With a limit per subject: a subject at its limit whose first retained message comes
+        after ``after_seq`` may have lost messages in between (conservative: JetStream does not
+        say what it deleted). Costs one stream info per pattern and one get per such subject."""
+        if not self._per_topic_limit:
+            return []
+        try:
+            full: set[str] = set()
+            for subject in subjects:
+                info = await self._js.stream_info(self._stream, subjects_filter=subject)
+                counts = info.state.subjects or {}
+                full.update(s for s, n in counts.items() if n >= self._per_topic_limit)
+            ordered = sorted(full)
+            firsts = await asyncio.gather(
+                *(self._js.get_msg(self._stream, seq=1, subject=s, next=True) for s in ordered),
+                return_exceptions=True,
+            )
+        except (TimeoutError, NatsError) as exc:
+            raise Unavailable(f"the backplane did not answer a history read: {exc!r}") from exc
+        gaps = []
+        for subject, first in zip(ordered, firsts, strict=True):
+            if isinstance(first, BaseException):
+                if isinstance(first, NotFoundError):  # deleted since: nothing retained
+                    continue
+                raise Unavailable(f"the backplane did not answer a history read: {first!r}")
+            if first.seq - 1 > after_seq:
+                gaps.append(Gap(after_seq + 1, first.seq - 1, subject[len(self._prefix) + 1 :]))
+        return gaps

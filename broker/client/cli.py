@@ -212,6 +212,8 @@ def _json_line(item: Received) -> str:
             obj["data_b64"] = base64.b64encode(item.data).decode("ascii")
     elif isinstance(item, GapNotice):
         obj = {"type": "gap", "from_seq": item.from_seq, "to_seq": item.to_seq}
+        if item.topic is not None:
+            obj["topic"] = item.topic
     else:
         obj = {"type": "reset", "epoch": item.epoch}
     return dumps_compact(obj).decode("utf-8")
@@ -221,5 +223,6 @@ def _text_line(item: Received) -> str:
     if isinstance(item, Message):
         return f"{item.seq} {item.topic} {item.data.decode('utf-8', errors='backslashreplace')}"
     if isinstance(item, GapNotice):
-        return f"gap from_seq={item.from_seq} to_seq={item.to_seq}"
+        where = f" topic={item.topic}" if item.topic is not None else ""
+        return f"gap from_seq={item.from_seq} to_seq={item.to_seq}{where}"
     return f"reset epoch={item.epoch}"

@@ -42,10 +42,13 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class GapNotice:
-    """Events with seq in [from_seq, to_seq] may be missing: retention trimmed them."""
+    """Events with seq in [from_seq, to_seq] may be missing: retention trimmed them. With a
+    ``topic``, only that topic's events (its limit per topic deleted them); other topics'
+    events in the range still come."""
 
     from_seq: int
     to_seq: int
+    topic: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +113,8 @@ def from_object(obj: dict[str, Any]) -> Received | None:
             content_type=_str(obj, "content_type") if obj.get("content_type") is not None else None,
         )
     if kind == "gap":
-        return GapNotice(_int(obj, "from_seq"), _int(obj, "to_seq"))
+        topic = _str(obj, "topic") if obj.get("topic") is not None else None
+        return GapNotice(_int(obj, "from_seq"), _int(obj, "to_seq"), topic)
     if kind == "reset":
         return ResetNotice(_str(obj, "epoch"))
     return None

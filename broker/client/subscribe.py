@@ -28,6 +28,7 @@ from broker.client._http_stream import MAX_POLL_SECONDS, run_ndjson, run_poll, r
 from broker.client._limits import CONNECT_TIMEOUT_SECONDS, MAX_FRAME_BYTES
 from broker.client._websocket import CLOSE_GRACE_SECONDS, run_ws
 from broker.client.events import (
+    GapNotice,
     Message,
     Received,
     ResetNotice,
@@ -260,6 +261,10 @@ class Subscriber:
             if item.epoch == self._epoch:
                 return  # a reconnect into the same new log: already announced
             self._epoch, self._seq = item.epoch, 0
+        elif isinstance(item, GapNotice) and item.topic is not None:
+            # One topic's loss: the position stays, other topics' events in the range follow.
+            if self._seq is not None and item.to_seq <= self._seq:
+                return
         else:
             seq = item.seq if isinstance(item, Message) else item.to_seq
             if self._seq is not None and seq <= self._seq:

@@ -55,8 +55,16 @@ def encode_event(event: Event, epoch: str) -> bytes:
     return head + _data_lines(payload) + b"\n"
 
 
-def encode_gap(from_seq: int, to_seq: int, epoch: str) -> bytes:
-    """The ``gap`` control event: seqs from_seq..to_seq may be missing (trimmed by retention)."""
+def encode_gap(from_seq: int, to_seq: int, epoch: str, topic: str | None = None) -> bytes:
+    """The ``gap`` control event: seqs from_seq..to_seq may be missing (trimmed by retention);
+    with a ``topic``, only that topic's events in the range."""
+    if topic is not None:
+        # No id: other topics' events in the range still follow, the position must not move.
+        return b'event: gap\ndata: {"from_seq":%d,"to_seq":%d,"topic":"%s"}\n\n' % (
+            from_seq,
+            to_seq,
+            topic.encode(),  # a topic is [A-Za-z0-9_.-]: nothing to escape
+        )
     # The id is to_seq so a client reconnecting after the gap resumes past it, not into it again.
     return b'id: %s:%d\nevent: gap\ndata: {"from_seq":%d,"to_seq":%d}\n\n' % (
         epoch.encode(),

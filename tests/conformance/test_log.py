@@ -59,6 +59,7 @@ class LogFactory(Protocol):
         retention_messages: int = ...,
         retention_bytes: int = ...,
         retention_seconds: float = ...,
+        retention_messages_per_topic: int = ...,
         dedupe_window_seconds: float = ...,
         clock: Callable[[], float] | None = None,
     ) -> AbstractAsyncContextManager[Log]: ...
@@ -77,6 +78,7 @@ class MemoryLogFactory:
         retention_messages: int = 1_000_000,
         retention_bytes: int = 256 * MiB,
         retention_seconds: float = 3600.0,
+        retention_messages_per_topic: int = 0,
         dedupe_window_seconds: float = 120.0,
         clock: Callable[[], float] | None = None,
     ) -> AsyncIterator[Log]:
@@ -84,6 +86,7 @@ class MemoryLogFactory:
             retention_messages=retention_messages,
             retention_bytes=retention_bytes,
             retention_seconds=retention_seconds,
+            retention_messages_per_topic=retention_messages_per_topic,
             dedupe_window_seconds=dedupe_window_seconds,
             clock=clock or time.time,
         )
@@ -110,6 +113,7 @@ class JetStreamLogFactory:
         retention_messages: int = 1_000_000,
         retention_bytes: int = 256 * MiB,
         retention_seconds: float = 3600.0,
+        retention_messages_per_topic: int = 0,
         dedupe_window_seconds: float = 120.0,
         clock: Callable[[], float] | None = None,
     ) -> AsyncIterator[Log]:
@@ -121,6 +125,7 @@ class JetStreamLogFactory:
             retention_messages=retention_messages,
             retention_bytes=retention_bytes,
             retention_seconds=retention_seconds,
+            retention_messages_per_topic=retention_messages_per_topic,
             dedupe_window_seconds=dedupe_window_seconds,
         )
         async with trio.open_nursery() as nursery:
@@ -259,6 +264,17 @@ async def read_all(
             gaps.append(result.gap)
         floor = result.gap.to_seq if result.gap is not None else after
         assert all(floor < e.seq <= result.scanned_to for e in result.events)
+        for topic_gap in result.topic_gaps:
+            assert topic_gap.topic is not None and filter.matches(topic_gap.topic)
+            assert floor < topic_gap.from_seq <= topic_gap.to_seq
+            assert not [
+                e
+                for e in result.events
+                if e.topic == topic_gap.topic and topic_gap.from_seq <= e.seq <= topic_gap.to_seq
+            ]
+            # Each page repeats what a topic lost after its own start: keep the first telling.
+            if all(g.topic != topic_gap.topic or g.to_seq < topic_gap.to_seq for g in gaps):
+                gaps.append(topic_gap)
         assert all(filter.matches(e.topic) for e in result.events)
         events.extend(result.events)
         if result.scanned_to >= log.last_seq:
@@ -606,6 +622,47 @@ async def test_a_quiet_topic_gets_no_gap_when_a_busy_one_rolls_the_window(
         assert (busy.gap, [e.seq for e in busy.events]) == (Gap(1, 3), [5, 6, 7, 8])
         anything = await read(log, ["*"], 0)
         assert (anything.gap, [e.seq for e in anything.events]) == (Gap(1, 3), [4, 5, 6, 7, 8])
+
+
+async def test_retention_per_topic_reports_a_topic_gap_and_keeps_the_others(
+    log_factory: LogFactory,
+) -> None:
+    async with log_factory(retention_messages_per_topic=2) as log:
+        feed = Feed(log)
+        # a: 1 3 4 6 (1 and 3 deleted by the limit), b: 2 5
+        await publish_topics(log, feed, ["a", "b", "a", "a", "b", "a"])
+        await settled(log, 2)
+        assert (log.first_seq, log.last_seq) == (2, 6)
+        assert log.statistics().retained_events == 4
+
+        a = await read(log, ["a"], 0)
+        assert (a.gap, a.topic_gaps, [e.seq for e in a.events]) == (
+            Gap(1, 1),  # below the first retained seq: the ordinary gap
+            [Gap(2, 3, "a")],  # inside the retained range: this topic only
+            [4, 6],
+        )
+        # A wildcard reader is told what "a" lost and still gets "b"'s 2 and 5 from that range.
+        anything = await read(log, [">"], 0)
+        assert (anything.gap, anything.topic_gaps, [e.seq for e in anything.events]) == (
+            Gap(1, 1),
+            [Gap(2, 3, "a")],
+            [2, 4, 5, 6],
+        )
+        b = await read(log, ["b"], 0)
+        assert (b.gap, b.topic_gaps, [e.seq for e in b.events]) == (
+            expected_gap(log_factory, None, 0, 2),
+            [],
+            [2, 5],
+        )
+        assert (await read(log, ["a"], 2)).topic_gaps == [Gap(3, 3, "a")]
+        after_3 = await read(log, ["a"], 3)
+        assert (after_3.gap, after_3.topic_gaps, [e.seq for e in after_3.events]) == (
+            None,
+            [],
+            [4, 6],
+        )
+        events, gaps = await read_all(log, [">"], 1, limit=1)
+        assert ([e.seq for e in events], gaps) == ([2, 4, 5, 6], [Gap(2, 3, "a")])
 
 
 async def test_earliest_gets_no_gap(log_factory: LogFactory) -> None:

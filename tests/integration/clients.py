@@ -60,7 +60,7 @@ def _from_object(obj: dict[str, Any]) -> Item | None:
     if kind == "event":
         return Item("event", obj["seq"], _payload(obj), obj["topic"])
     if kind == "gap":
-        return Item("gap", obj["from_seq"], to_seq=obj["to_seq"])
+        return Item("gap", obj["from_seq"], topic=obj.get("topic", ""), to_seq=obj["to_seq"])
     if kind == "reset":
         return Item("reset", epoch=obj["epoch"])
     return None  # hello, subscribed, pong...
@@ -110,7 +110,9 @@ async def _sse(
                 for message in parser.feed(chunk):
                     if message.event == "gap":
                         gap = json.loads(message.data)
-                        yield Item("gap", gap["from_seq"], to_seq=gap["to_seq"])
+                        yield Item(
+                            "gap", gap["from_seq"], topic=gap.get("topic", ""), to_seq=gap["to_seq"]
+                        )
                     elif message.event == "reset":
                         yield Item("reset", epoch=json.loads(message.data)["epoch"])
                     else:

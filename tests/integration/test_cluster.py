@@ -11,6 +11,7 @@ import pytest
 import trio
 import trio_asyncio
 
+from broker.backplane.nats import JetStreamLog
 from broker.server import Running
 from tests.integration.clients import TRANSPORTS, Item, subscribe, wait_for
 from tests.integration.conftest import StartBroker
@@ -153,6 +154,89 @@ async def test_a_resume_older_than_the_streams_retention_gets_a_gap(
         assert await feed.next() == Item("gap", 11, to_seq=50)
         rest = await feed.take(50)
     assert events(rest) == [(seq, f"m{seq}".encode()) for seq in range(51, 101)]
+
+
+@pytest.mark.parametrize("transport", ["sse", "ndjson", "ws"])
+async def test_a_live_subscriber_is_told_what_the_stream_deleted_before_the_node_saw_it(
+    transport: str, start_broker: StartBroker, nats_server: NatsServer
+) -> None:
+    # A node that falls behind the stream (here: its follower is paused, as a slow or cut-off
+    # node would be) while the stream's limits delete what it has not seen: the hub finds the
+    # hole when it follows again and sends live subscribers through the log, which says "gap".
+    settings = cluster_settings(nats_server, "hole", retention_messages=10)
+    node = await start_broker(**settings)
+    log = node.node.log
+    assert isinstance(log, JetStreamLog)
+    subject = f"{settings['nats_subject_prefix']}.h"
+    async with subscribe(node.url, transport, ["h"]) as feed:
+        await wait_for(lambda: len(node.node.hub) == 1)
+        await publish_over_nats(nats_server.url, subject, [b"live %d" % i for i in range(1, 6)])
+        await feed.wait_count(5)
+        await log._aio(log._follower.unsubscribe)()  # the node stops following (test hook)
+        await publish_over_nats(nats_server.url, subject, [b"m %d" % i for i in range(6, 106)])
+        await log._aio(log._aio_follow)()  # and follows again: 6..95 are gone
+        await feed.wait_count(5 + 1 + 10)
+    got = feed.received
+    assert events(got[:5]) == [(seq, b"live %d" % seq) for seq in range(1, 6)]
+    assert got[5] == Item("gap", 6, to_seq=95)
+    assert events(got[6:]) == [(seq, b"m %d" % seq) for seq in range(96, 106)]
+    assert node.node.hub.holes == 1
+
+
+async def test_a_seq_missing_inside_a_followed_batch_is_found_too(
+    start_broker: StartBroker, nats_server: NatsServer
+) -> None:
+    # The limit per topic deletes from the middle of the stream: the follower's batch then skips
+    # a seq in its middle. The node must notice that too, and tell which topic lost it.
+    settings = cluster_settings(nats_server, "inner", retention_messages_per_topic=2)
+    node = await start_broker(**settings)
+    log = node.node.log
+    assert isinstance(log, JetStreamLog)
+    prefix = settings["nats_subject_prefix"]
+    async with subscribe(node.url, "ndjson", ["h", "k"]) as feed:
+        await wait_for(lambda: len(node.node.hub) == 1)
+        for i in range(1, 6):  # one at a time: the node follows each before the next
+            await publish_over_nats(nats_server.url, f"{prefix}.h", [b"h%d" % i])
+            await feed.wait_count(i)
+        await log._aio(log._follower.unsubscribe)()  # the node stops following (test hook)
+        await publish_over_nats(nats_server.url, f"{prefix}.k", [b"k6"])
+        await publish_over_nats(nats_server.url, f"{prefix}.h", [b"h7", b"h8", b"h9"])
+        await wait_for(lambda: log.first_seq == 6)  # "h" keeps 8 and 9: 4, 5 and 7 are gone
+        await log._aio(log._aio_follow)()  # the follower gets 6, 8, 9
+        await feed.wait_count(5 + 4)
+    got = feed.received
+    assert events(got[:5]) == [(seq, b"h%d" % seq) for seq in range(1, 6)]
+    assert got[5] == Item("gap", 6, topic="h", to_seq=7)
+    assert events(got[6:]) == [(6, b"k6"), (8, b"h8"), (9, b"h9")]
+    assert node.node.hub.holes == 1
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("mode", ["embedded", "cluster"])
+async def test_retention_per_topic_tells_which_topic_lost_what(
+    mode: str, transport: str, start_broker: StartBroker, nats_server: NatsServer
+) -> None:
+    # Cluster: the subscriber's node starts after the deletions, so it reads the stream itself.
+    settings: dict[str, Any] = {"retention_messages_per_topic": 2}
+    if mode == "cluster":
+        settings = cluster_settings(nats_server, "pertopic", **settings)
+    publisher = await start_broker(**settings)
+    async with httpx.AsyncClient(base_url=publisher.url) as http:
+        # a: 1 3 4 6, b: 2 5; the limit of 2 per topic deletes "a"'s 1 and 3
+        body = "\n".join(f'{{"topic":"{t}","data":"m{i}"}}' for i, t in enumerate("abaaba", 1))
+        response = await http.post(
+            "/v1/publish", content=body, headers={"Content-Type": "application/x-ndjson"}
+        )
+        assert response.json()["seqs"] == [1, 2, 3, 4, 5, 6]
+    await wait_for(lambda: publisher.node.log.first_seq == 2)
+    node = publisher if mode == "embedded" else await start_broker(**settings)
+    resume = (
+        {"last_event_id": f"{node.node.log.epoch}:0"} if transport == "sse" else {"from_seq": 0}
+    )
+    async with subscribe(node.url, transport, ["a", "b"], **resume) as feed:  # type: ignore[arg-type]
+        got = [await feed.next() for _ in range(6)]
+    assert got[:2] == [Item("gap", 1, to_seq=1), Item("gap", 2, topic="a", to_seq=3)]
+    assert events(got[2:]) == [(2, b"m2"), (4, b"m4"), (5, b"m5"), (6, b"m6")]
 
 
 async def test_a_resume_against_a_recreated_stream_gets_a_reset(

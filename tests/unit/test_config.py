@@ -187,3 +187,15 @@ def test_a_policy_given_by_name_becomes_the_enum_and_a_bad_one_is_refused() -> N
     assert Settings(overflow_policy="drop").overflow_policy is OverflowPolicy.DROP  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="overflow_policy"):
         Settings(overflow_policy="explode")  # type: ignore[arg-type]
+
+
+def test_retention_per_topic_may_be_zero_but_not_negative() -> None:
+    assert Settings().retention_messages_per_topic == 0  # no limit
+    assert (
+        load_settings(
+            environ={}, overrides={"retention_messages_per_topic": 0}
+        ).retention_messages_per_topic
+        == 0
+    )
+    with pytest.raises(ConfigError, match="retention_messages_per_topic"):
+        load_settings(environ={}, overrides={"retention_messages_per_topic": -1})

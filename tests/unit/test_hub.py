@@ -359,3 +359,22 @@ def test_a_hole_in_the_routed_seqs_sends_every_live_subscription_back_through_th
     assert (a.state, other.state, hub.holes) == (State.CATCHUP, State.CATCHUP, 1)
     assert not a.has_pending  # its catch-up re-reads from its position, 0
     assert (a.position, a.catchups) == (0, 1)
+
+
+def test_a_hole_inside_a_batch_is_a_hole_too() -> None:
+    # The follower's batch can skip a seq in its middle (the stream deleted it per topic).
+    hub = Hub(routed_seq=0)
+    sub = Subscription(
+        "a",
+        Filter.parse([">"]),
+        position=0,
+        live=True,
+        buffer_events=10,
+        buffer_bytes=1 << 20,
+        policy=OverflowPolicy.CATCHUP,
+    )
+    hub.add(sub)
+    hub.route([Event(seq, "a", b"", "t", 0.0) for seq in (1, 2, 3)])
+    assert (sub.state, hub.holes) == (State.LIVE, 0)
+    hub.route([Event(seq, "a", b"", "t", 0.0) for seq in (4, 6, 7)])  # 5 never came
+    assert (sub.state, hub.holes, hub.routed_seq) == (State.CATCHUP, 1, 7)

@@ -210,8 +210,25 @@ def test_after_a_catchup_live_delivery_resumes_without_duplicates() -> None:
 
 def test_catchup_gap_is_counted_and_covers_the_position() -> None:
     sub = make_sub(position=0, live=False)
-    sub.advance(30, Gap(1, 20))
+    sub.advance(30, 1)
     assert (sub.position, sub.gaps) == (30, 1)
+
+
+def test_a_topic_gap_repeated_by_later_pages_is_handed_out_once() -> None:
+    sub = make_sub(position=0, live=False)
+    first = sub.new_topic_gaps([Gap(1, 50, "a"), Gap(1, 20, "b")])
+    assert first == [Gap(1, 50, "a"), Gap(1, 20, "b")]
+    sub.advance(30, len(first))
+    # The next page starts at 31 and still sees "a" lost up to 50, and now up to 60.
+    assert sub.new_topic_gaps([Gap(31, 50, "a")]) == []
+    assert sub.new_topic_gaps([Gap(31, 60, "a")]) == [Gap(51, 60, "a")]
+    sub.advance(70)
+    # Past the position a topic's record is dropped; a new loss is reported again.
+    assert sub.new_topic_gaps([Gap(71, 80, "a"), Gap(71, 75, "b")]) == [
+        Gap(71, 80, "a"),
+        Gap(71, 75, "b"),
+    ]
+    assert sub.gaps == 2
 
 
 def test_closed_subscription_never_goes_live() -> None:
