@@ -83,6 +83,12 @@ class Router:
         self._max = max_events_per_turn
         self._pending: list[Event] = []
         self._lot = trio.lowlevel.ParkingLot()
+        self._incarnation = 0
+
+    def reset(self) -> None:
+        """The log was replaced: what is queued, or being routed, belongs to the old one."""
+        self._pending = []
+        self._incarnation += 1
 
     def enqueue(self, events: Sequence[Event]) -> None:
         """The log's handler: synchronous, never blocks."""
@@ -96,7 +102,10 @@ class Router:
             if not self._pending:
                 await self._lot.park()
             batch, self._pending = self._pending, []
+            incarnation = self._incarnation
             for start in range(0, len(batch), self._max):
+                if incarnation != self._incarnation:
+                    break
                 self._hub.route(batch[start : start + self._max])
                 await trio.lowlevel.checkpoint()
 
@@ -155,6 +164,12 @@ class Outlet:
         """Release every subscription (always safe; called from ``finally``)."""
         for sub_id in list(self.subscriptions):
             self.detach(sub_id, reason)
+
+    def reset(self, framing: Framing, epoch: str) -> None:
+        """The log was replaced: frame for the new epoch; every subscription says ``reset``."""
+        self.framing = framing
+        for sub in self.subscriptions.values():
+            sub.reset(epoch)
 
     def drain(self) -> None:
         self.draining = True

@@ -55,6 +55,13 @@ class Framings:
             for codec in ws.Codec
         }
 
+    def like(self, framing: Framing) -> Framing:
+        """This epoch's framing for the transport ``framing`` (of an older epoch) serves."""
+        for candidate in (self.sse, self.ndjson, *self.ws.values()):
+            if candidate.fmt.name == framing.fmt.name:
+                return candidate
+        raise ValueError(f"no framing like {framing.fmt.name!r}")
+
 
 def _ws_event_encoder(codec: ws.Codec) -> Callable[[Event], bytes]:
     if codec is ws.Codec.JSON:
@@ -92,6 +99,7 @@ class Node:
         self.hub = Hub(routed_seq=log.last_seq)
         self.router = Router(self.hub)
         log.on_events(self.router.enqueue)
+        log.on_reset(self._on_reset)
         self.metrics = Metrics()
         self.outlets: set[Outlet] = set()
         self.draining = False
@@ -109,6 +117,16 @@ class Node:
         if self._framings.epoch != self.log.epoch:
             self._framings = Framings(self.log.epoch)
         return self._framings
+
+    def _on_reset(self, epoch: str) -> None:
+        """The log was replaced under the running node (a JetStream stream deleted and created
+        anew): nothing of the old one may be routed on, and every subscriber starts over."""
+        logger.warning("the log was replaced; every subscription is reset", extra={"epoch": epoch})
+        self.router.reset()
+        self.hub.routed_seq = self.log.last_seq
+        framings = self.framings
+        for outlet in self.outlets:
+            outlet.reset(framings.like(outlet.framing), epoch)
 
     @property
     def ready(self) -> bool:

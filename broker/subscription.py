@@ -200,6 +200,19 @@ class Subscription:
             return True
         return self.state is State.LIVE
 
+    def reset(self, epoch: str) -> None:
+        """The log was replaced under us: drop what is pending, say ``reset``, and start over
+        at the new log's beginning (its events are routed from seq 1)."""
+        if self.state is State.CLOSED:
+            return
+        self._items.clear()
+        self.pending_events = self.pending_bytes = 0
+        self._items.append(Reset(epoch))
+        self.position = self._tail = 0
+        self._topic_gaps_to.clear()
+        self.state = State.LIVE
+        self.wake()
+
     def close(self, reason: CloseReason) -> None:
         if self.state is State.CLOSED:
             return

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from broker.model import Event, Filter, Gap
 
 EventsHandler = Callable[[Sequence[Event]], None]
+ResetHandler = Callable[[str], None]
 
 # A read examines at most this many retained events, matching or not, so that a filtered read
 # of a quiet topic in a busy log cannot hold the event loop for long.
@@ -197,6 +198,11 @@ class Log(Protocol):
 
     def on_events(self, handler: EventsHandler) -> None:
         """Call ``handler`` (synchronously, in seq order, in batches) with every new event."""
+        ...
+
+    def on_reset(self, handler: ResetHandler) -> None:
+        """Call ``handler`` with the new epoch when the log is replaced while running (its
+        seqs start over; the events announced after it belong to the new log)."""
         ...
 
     async def run(self, *, task_status: Any = ...) -> None:

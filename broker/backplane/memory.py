@@ -32,6 +32,7 @@ from broker.backplane.base import (
     EventsHandler,
     LogStatistics,
     ReadResult,
+    ResetHandler,
     TopicLimit,
     scan_matching,
     tombstone,
@@ -166,6 +167,9 @@ class MemoryLog:
 
     def on_events(self, handler: EventsHandler) -> None:
         self._handlers.append(handler)
+
+    def on_reset(self, handler: ResetHandler) -> None:
+        """Never called: this log is created with the process and lives as long."""
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Trim by age once a second, so an idle broker still frees expired events."""

@@ -18,6 +18,10 @@ everything that accumulated as one batch.
   per subject, a subject at its limit whose first retained message comes after the position may
   have lost what lies between: a per-topic gap. The window applies the same limit to what it
   has followed and knows exactly what it deleted.
+- A stream deleted under a running node is created anew by it (its limits are the node's
+  configuration): a new incarnation. The node stops following the old one as soon as JetStream
+  announces the deletion (an advisory), then takes the new epoch, tells its handlers (every
+  subscriber gets ``reset``) and follows the new stream from its start.
 - A seq the follower never saw (the stream deleted it before this node followed it) is a hole:
   the window then restarts after it, so reads of that range go to the stream.
 """
@@ -47,6 +51,7 @@ from broker.backplane.base import (
     EventsHandler,
     LogStatistics,
     ReadResult,
+    ResetHandler,
     TopicLimit,
     scan_matching,
     tombstone,
@@ -212,6 +217,7 @@ class JetStreamLog:
         )
         self._refresh_seconds = refresh_seconds
         self._handlers: list[EventsHandler] = []
+        self._reset_handlers: list[ResetHandler] = []
         self._incoming: list[Event] = []
         self._arrived = trio.lowlevel.ParkingLot()
         self._epoch = ""
@@ -247,6 +253,9 @@ class JetStreamLog:
 
     def on_events(self, handler: EventsHandler) -> None:
         self._handlers.append(handler)
+
+    def on_reset(self, handler: ResetHandler) -> None:
+        self._reset_handlers.append(handler)
 
     async def append(self, requests: Sequence[AppendRequest]) -> list[AppendResult]:
         if not requests:
@@ -376,6 +385,9 @@ class JetStreamLog:
         self._learn(info)
         self._last_seq = info.state.last_seq
         self._window.reset(self._last_seq)
+        await self._nc.subscribe(
+            f"$JS.EVENT.ADVISORY.STREAM.DELETED.{self._stream}", cb=self._aio_stream_deleted
+        )
         await self._aio_follow()
 
     async def _aio_ensure_stream(self) -> StreamInfo:
@@ -438,11 +450,39 @@ class JetStreamLog:
 
     async def _aio_refresh(self) -> StreamInfo:
         try:
-            info: StreamInfo = await self._js.stream_info(self._stream)
+            try:
+                info: StreamInfo = await self._js.stream_info(self._stream)
+            except NotFoundError:  # deleted: it is our configuration, so it exists again
+                logger.warning(
+                    "the stream is gone; creating it anew", extra={"stream": self._stream}
+                )
+                info = await self._aio_ensure_stream()
         except (TimeoutError, NatsError) as exc:
             raise Unavailable(f"the backplane is unreachable: {exc!r}") from exc
+        if _epoch_of(info) != self._epoch:
+            await self._aio_new_incarnation(info)
         self._learn(info)
         return info
+
+    async def _aio_stream_deleted(self, msg: Any) -> None:
+        """JetStream's advisory: stop following now, so that nothing of a stream created under
+        the same name is taken for the old one; the refresh takes the new incarnation."""
+        logger.warning("the stream was deleted", extra={"stream": self._stream})
+        if self._follower is not None:
+            follower, self._follower = self._follower, None
+            with contextlib.suppress(NatsError, TimeoutError):
+                await follower.unsubscribe()
+        self._incoming.clear()
+
+    async def _aio_new_incarnation(self, info: StreamInfo) -> None:
+        self._epoch = _epoch_of(info)
+        logger.warning("following a new incarnation of the stream", extra={"epoch": self._epoch})
+        self._incoming.clear()
+        self._last_seq = 0
+        self._window.reset(0)
+        for handler in self._reset_handlers:
+            handler(self._epoch)
+        await self._aio_follow()  # from seq 1
 
     def _learn(self, info: StreamInfo) -> None:
         self._first_seq = _window_of(info)[0]
@@ -496,7 +536,10 @@ class JetStreamLog:
         return [AppendResult(ack.seq, duplicate=bool(ack.duplicate)) for ack in acks]
 
     async def _aio_read(self, filter: Filter, after_seq: int, limit: int) -> ReadResult:
+        epoch = self._epoch
         info = await self._aio_refresh()
+        if self._epoch != epoch:  # ``after_seq`` was a position in the old stream
+            return ReadResult((), after_seq)  # the reader was reset; this answer is not used
         first, last = _window_of(info)
         gap = None
         if after_seq + 1 < first:

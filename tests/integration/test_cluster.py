@@ -54,6 +54,16 @@ async def publish_over_nats(url: str, subject: str, payloads: list[bytes]) -> No
         await trio_asyncio.aio_as_trio(publish)()
 
 
+async def delete_stream(url: str, stream: str) -> None:
+    async def delete() -> None:
+        client = await nats.connect(url)
+        await client.jetstream().delete_stream(stream)
+        await client.close()
+
+    async with trio_asyncio.open_loop():
+        await trio_asyncio.aio_as_trio(delete)()
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_every_node_delivers_every_message_with_the_same_seqs(
     transport: str, start_broker: StartBroker, nats_server: NatsServer
@@ -251,13 +261,7 @@ async def test_a_resume_against_a_recreated_stream_gets_a_reset(
     first.server.stop()
     await first.server.stopped()
 
-    async def delete_stream() -> None:
-        client = await nats.connect(nats_server.url)
-        await client.jetstream().delete_stream(settings["nats_stream"])
-        await client.close()
-
-    async with trio_asyncio.open_loop():
-        await trio_asyncio.aio_as_trio(delete_stream)()
+    await delete_stream(nats_server.url, settings["nats_stream"])
     second = await start_broker(**settings)  # creates the stream anew: a new incarnation
     assert second.node.log.epoch != old_epoch
     async with httpx.AsyncClient(base_url=second.url) as http:
@@ -267,6 +271,41 @@ async def test_a_resume_against_a_recreated_stream_gets_a_reset(
         reset = await feed.next()
         assert (reset.kind, reset.epoch) == ("reset", second.node.log.epoch)
         assert (await feed.next()).data == b"new"  # then the new stream from its start
+
+
+@pytest.mark.parametrize("transport", ["sse", "ndjson", "ws"])
+async def test_a_stream_recreated_under_running_nodes_resets_their_subscribers(
+    transport: str, start_broker: StartBroker, nats_server: NatsServer
+) -> None:
+    settings = cluster_settings(nats_server, "underfoot")
+    a, b = await start_broker(**settings), await start_broker(**settings)
+    old_epoch = a.node.log.epoch
+    async with (
+        subscribe(b.url, transport, ["r"]) as feed,
+        httpx.AsyncClient(base_url=a.url) as http,
+    ):
+        await wait_for(lambda: len(b.node.hub) == 1)
+        for i in range(3):
+            await http.post("/v1/topics/r", content=f"old {i}".encode())
+        await feed.wait_count(3)
+        await delete_stream(nats_server.url, settings["nats_stream"])
+        # The nodes create it anew (it is their configuration) and follow the new incarnation.
+        await wait_for(lambda: a.node.log.epoch != old_epoch and b.node.log.epoch != old_epoch)
+        assert a.node.log.epoch == b.node.log.epoch
+        seqs = [
+            (await http.post("/v1/topics/r", content=b"new %d" % i)).json()["seq"] for i in (1, 2)
+        ]
+        assert seqs == [1, 2]
+        await feed.wait_count(3 + 1 + 2)
+    got = feed.received
+    assert events(got[:3]) == [(1, b"old 0"), (2, b"old 1"), (3, b"old 2")]
+    assert (got[3].kind, got[3].epoch) == ("reset", b.node.log.epoch)
+    assert events(got[4:]) == [(1, b"new 1"), (2, b"new 2")]
+    # The stream's positions now carry the new epoch: resuming from one gets no second reset.
+    position = f"{b.node.log.epoch}:1"
+    resume = {"last_event_id": position} if transport == "sse" else {"from_seq": position}
+    async with subscribe(a.url, transport, ["r"], **resume) as again:  # type: ignore[arg-type]
+        assert events([await again.next()]) == [(2, b"new 2")]
 
 
 async def test_retention_by_age_on_the_servers_clock(

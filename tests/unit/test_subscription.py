@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from broker.encoding import Run, split_runs
-from broker.model import Event, Filter, Gap, event_size
+from broker.model import Event, Filter, Gap, Reset, event_size
 from broker.subscription import (
     CloseReason,
     OverflowPolicy,
@@ -471,3 +471,13 @@ class CatchupMachine(RuleBasedStateMachine):
 
 CatchupMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
 TestCatchupLosesNothing = CatchupMachine.TestCase
+
+
+def test_reset_drops_what_is_pending_and_starts_over_live() -> None:
+    sub = make_sub(position=0)
+    sub.push(run(1, 3))
+    sub.reset("new")
+    assert sub.take() == [Reset("new")]
+    assert (sub.position, sub.state) == (0, State.LIVE)
+    sub.push(run(1, 2))  # the new log's seqs start over and are not taken for duplicates
+    assert seqs(sub.take()) == [1, 2]
