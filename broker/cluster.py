@@ -118,7 +118,12 @@ class NatsNode:
 @dataclass
 class BrokerNode:
     port: int
+    grpc_port: int = 0
     process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def grpc_target(self) -> str:
+        return f"grpc://127.0.0.1:{self.grpc_port}"
 
     @property
     def url(self) -> str:
@@ -153,7 +158,7 @@ class LocalCluster:
 
     def _start(self) -> None:
         self.base_dir = self.base_dir or tempfile.mkdtemp(prefix="broker-cluster-")
-        ports = free_ports(3 * self.nats + self.brokers)
+        ports = free_ports(3 * self.nats + 2 * self.brokers)
         for i in range(self.nats):
             client, cluster, monitor = ports[3 * i : 3 * i + 3]
             store = Path(self.base_dir) / f"nats-{i + 1}"
@@ -166,8 +171,9 @@ class LocalCluster:
         for node in self.nats_nodes:
             _wait(f"nats-server {node.name}", node.healthy, deadline)
         replicas = "3" if self.nats >= 3 else "1"
-        for port in ports[3 * self.nats :]:
-            broker = BrokerNode(port)
+        broker_ports = ports[3 * self.nats :]
+        for port, grpc_port in zip(broker_ports[0::2], broker_ports[1::2], strict=True):
+            broker = BrokerNode(port, grpc_port)
             log = open(Path(self.base_dir) / f"broker-{port}.log", "wb")  # noqa: SIM115
             broker.process = subprocess.Popen(
                 [
@@ -183,6 +189,8 @@ class LocalCluster:
                     self.nats_urls,
                     "--nats-replicas",
                     replicas,
+                    "--grpc-listen",
+                    f"127.0.0.1:{grpc_port}",
                     *self.broker_args,
                 ],
                 stdout=subprocess.DEVNULL,
@@ -214,7 +222,7 @@ def run(brokers: int, nats: int) -> int:
         cluster.start()
         print(f"NATS cluster ({nats} servers, JetStream): {cluster.nats_urls}")
         for node in cluster.broker_nodes:
-            print(f"broker node: {node.url}")
+            print(f"broker node: {node.url}  gRPC: {node.grpc_target}")
         print("Ctrl-C stops everything.", flush=True)
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop on SIGTERM too
         while True:

@@ -63,6 +63,10 @@ class Settings:
     nats_stream: str = "BROKER"
     nats_subject_prefix: str = "broker.t"  # topic t is the subject <prefix>.t
     nats_replicas: int = 1  # 3 on a 3-node NATS cluster
+    # gRPC: HOST:PORT of the grpc.aio server (port 0 picks a free one), or "off".
+    grpc_listen: str = "127.0.0.1:50051"
+    grpc_keepalive_seconds: float = 20.0  # server pings an idle connection this often
+    grpc_keepalive_timeout_seconds: float = 10.0  # and drops it when no answer comes this soon
     log_level: str = "info"
     log_format: str = "json"  # or "text"
 
@@ -82,6 +86,10 @@ class Settings:
             raise ConfigError(
                 f"overflow_policy must be one of {choices}, not {self.overflow_policy!r}"
             ) from None
+        if self.grpc_listen != "off":
+            host, _, port = self.grpc_listen.rpartition(":")
+            if not host or not port.isdigit() or int(port) > 65535:
+                raise ConfigError(f"grpc_listen must be HOST:PORT or off, got {self.grpc_listen!r}")
         if self.log_format not in {"json", "text"}:
             raise ConfigError(f"log_format must be json or text, got {self.log_format!r}")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

@@ -49,11 +49,15 @@ class Framing:
         gap: Callable[[Subscription, Gap], bytes],
         reset: Callable[[Subscription, Reset], bytes],
         joined: bool,
+        max_joined_bytes: int | None = None,
     ) -> None:
         self.fmt = fmt
         self._gap = gap
         self._reset = reset
         self.joined = joined
+        # Joined writes are cut at about this size (gRPC: a message must fit the client's
+        # receive limit); one frame bigger than that is still one write.
+        self.max_joined_bytes = max_joined_bytes
 
     def render(self, sub: Subscription, items: Sequence[Item | Event]) -> list[bytes]:
         fmt = self.fmt
@@ -71,8 +75,35 @@ class Framing:
             else:
                 frames.append(self._reset(sub, item))
         if self.joined and len(frames) > 1:
+            if self.max_joined_bytes is not None:
+                return self._chunks(sub, items, frames)
             return [b"".join(frames)]
         return frames
+
+    def _chunks(
+        self, sub: Subscription, items: Sequence[Item | Event], frames: list[bytes]
+    ) -> list[bytes]:
+        limit = self.max_joined_bytes
+        assert limit is not None
+        if sum(len(f) for f in frames) <= limit:
+            return [b"".join(frames)]
+        small: list[bytes] = []  # runs split into their events' frames
+        for item in items:
+            if isinstance(item, Run):
+                small.extend(item.frames(self.fmt))
+            else:
+                small.extend(self.render(sub, [item]))
+        chunks: list[bytes] = []
+        chunk: list[bytes] = []
+        size = 0
+        for frame in small:
+            if chunk and size + len(frame) > limit:
+                chunks.append(b"".join(chunk))
+                chunk, size = [], 0
+            chunk.append(frame)
+            size += len(frame)
+        chunks.append(b"".join(chunk))
+        return chunks
 
 
 class Router:

@@ -23,7 +23,7 @@ from broker.metrics import Metrics
 from broker.model import Event, Filter, Gap, Position, Reset
 from broker.subscription import Subscription
 from broker.transports.listener import ConnectionRegistry
-from broker.wire import ndjson, sse, ws
+from broker.wire import ndjson, pb, sse, ws
 
 logger = logging.getLogger("broker.node")
 
@@ -45,6 +45,13 @@ class Framings:
             reset=lambda sub, r: ndjson.encode_control("reset", epoch=r.epoch),
             joined=True,
         )
+        self.grpc = Framing(
+            Format("grpc", pb.encode_event),
+            gap=lambda sub, g: pb.encode_gap(g.from_seq, g.to_seq, g.topic, sub.id),
+            reset=lambda sub, r: pb.encode_reset(r.epoch, sub.id),
+            joined=True,  # one Delivery message per write, of at most ~1 MiB
+            max_joined_bytes=1024 * 1024,
+        )
         self.ws = {
             codec: Framing(
                 Format(codec.value, _ws_event_encoder(codec)),
@@ -57,7 +64,7 @@ class Framings:
 
     def like(self, framing: Framing) -> Framing:
         """This epoch's framing for the transport ``framing`` (of an older epoch) serves."""
-        for candidate in (self.sse, self.ndjson, *self.ws.values()):
+        for candidate in (self.sse, self.ndjson, self.grpc, *self.ws.values()):
             if candidate.fmt.name == framing.fmt.name:
                 return candidate
         raise ValueError(f"no framing like {framing.fmt.name!r}")

@@ -1,7 +1,9 @@
-"""The root of a node: one nursery holding the log, the router and hypercorn; drain on signal.
+"""The root of a node: one nursery holding the log, the router, hypercorn and the gRPC server;
+drain on signal.
 
 Shutdown is one sequence: readiness goes false, every connection is told to leave (SSE gets a
-short ``retry`` and its stream ends, WebSocket closes with 1012), we wait until they have left or
+short ``retry`` and its stream ends, WebSocket closes with 1012, gRPC streams end with
+UNAVAILABLE), we wait until they have left or
 ``drain_seconds`` passes, then hypercorn stops and the nursery is cancelled.
 """
 
@@ -22,6 +24,7 @@ from broker.backplane.nats import JetStreamLog
 from broker.config import Settings
 from broker.node import Node
 from broker.transports.asgi import create_app
+from broker.transports.grpc import GrpcServer
 from broker.transports.http import create_quart_app
 from broker.transports.listener import listen
 from broker.transports.listener import serve as serve_asgi
@@ -36,6 +39,7 @@ class Running:
     node: Node
     url: str  # http://127.0.0.1:PORT
     server: Server
+    grpc: str | None = None  # 127.0.0.1:PORT of the gRPC server, None when it is off
 
 
 def make_log(settings: Settings) -> Log:
@@ -111,9 +115,12 @@ class Server:
                 node.hub.routed_seq = node.log.last_seq  # known once the log follows its source
                 await nursery.start(node.router.run)
                 await nursery.start(node.cut_stalled_writes)
+                grpc = None
+                if self.settings.grpc_listen != "off":
+                    grpc = await nursery.start(GrpcServer(node).run)
                 url = await nursery.start(serve_http)
-                logger.info("serving", extra={"url": url, "epoch": node.log.epoch})
-                task_status.started(Running(node, url, self))
+                logger.info("serving", extra={"url": url, "grpc": grpc, "epoch": node.log.epoch})
+                task_status.started(Running(node, url, self, grpc))
                 await self._stop.wait()
                 await self._drain()
                 shutdown.set()

@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from broker.client._grpc import publish as grpc_publish
 from broker.client.errors import ProblemError
 from broker.client.events import GapNotice, Message, Received
 from broker.client.publish import publish
@@ -26,6 +27,8 @@ from broker.model import parse_position
 from broker.wire.ndjson import dumps_compact
 
 URL_ENV = "BROKER_URL"
+GRPC_ENV = "BROKER_GRPC"
+DEFAULT_GRPC = "grpc://127.0.0.1:50051"
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C'd command
 
@@ -54,6 +57,10 @@ def add_commands(
     """Add ``pub`` and ``sub``; ``BROKER_URL`` in the environment replaces ``default_url``."""
     url = os.environ.get(URL_ENV) or default_url
     url_help = f"the broker's base URL (default {url}; set {URL_ENV} to change it)"
+    grpc_target = os.environ.get(GRPC_ENV) or DEFAULT_GRPC
+    grpc_help = (
+        f"the broker's gRPC target with --transport grpc (default {grpc_target}; {GRPC_ENV})"
+    )
 
     pub = commands.add_parser(
         "pub",
@@ -69,6 +76,8 @@ def add_commands(
         help="the payload, sent as UTF-8 text; '-' or absent: read bytes from stdin",
     )
     pub.add_argument("--url", default=url, help=url_help)
+    pub.add_argument("--transport", choices=("http", "grpc"), default="http", help="default: http")
+    pub.add_argument("--grpc", default=grpc_target, help=grpc_help)
     pub.add_argument("--event", metavar="NAME", help="the SSE event name")
     pub.add_argument("--key", metavar="KEY", help="idempotency key: a repeat stores nothing")
     pub.add_argument(
@@ -85,6 +94,7 @@ def add_commands(
     )
     sub.add_argument("topics", metavar="TOPIC", nargs="+", help="a topic or pattern (*, >)")
     sub.add_argument("--url", default=url, help=url_help)
+    sub.add_argument("--grpc", default=grpc_target, help=grpc_help)
     start = sub.add_mutually_exclusive_group()
     start.add_argument(
         "--from-seq", metavar="N|EPOCH:N", type=_from_seq, help="start after this position"
@@ -149,6 +159,21 @@ def _failure(exc: BrokerError) -> int:
 
 async def _pub(args: argparse.Namespace, payload: bytes | str) -> int:
     try:
+        if args.transport == "grpc":
+            data = payload.encode() if isinstance(payload, str) else payload
+            content_type = args.content_type
+            if content_type is None and isinstance(payload, str):
+                content_type = "text/plain; charset=utf-8"
+            seq = await grpc_publish(
+                args.grpc,
+                args.topic,
+                data,
+                content_type=content_type,
+                event=args.event,
+                key=args.key,
+            )
+            print(dumps_compact({"seq": seq}).decode(), flush=True)
+            return 0
         seq = await publish(
             args.url,
             args.topic,
@@ -168,7 +193,7 @@ async def _sub(args: argparse.Namespace) -> int:
     line = _json_line if args.format == "json" else _text_line
     try:
         async with subscribe(
-            args.url,
+            args.grpc if args.transport == "grpc" else args.url,
             args.topics,
             transport=args.transport,
             from_seq=args.from_seq,

@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeAlias
 import httpx
 import trio
 
+from broker.client._grpc import run_grpc, target_of
 from broker.client._http_stream import MAX_POLL_SECONDS, run_ndjson, run_poll, run_sse, sse_topic
 from broker.client._limits import CONNECT_TIMEOUT_SECONDS, MAX_FRAME_BYTES
 from broker.client._websocket import CLOSE_GRACE_SECONDS, run_ws
@@ -54,9 +55,9 @@ __all__ = [
     "subscribe",
 ]
 
-Transport: TypeAlias = Literal["sse", "ndjson", "ws", "ws-msgpack", "poll"]
+Transport: TypeAlias = Literal["sse", "ndjson", "ws", "ws-msgpack", "poll", "grpc"]
 State: TypeAlias = Literal["connecting", "open", "backoff", "closed"]
-TRANSPORTS: tuple[Transport, ...] = ("sse", "ndjson", "ws", "ws-msgpack", "poll")
+TRANSPORTS: tuple[Transport, ...] = ("sse", "ndjson", "ws", "ws-msgpack", "poll", "grpc")
 STARTS = ("earliest", "latest")
 
 _MAX_BACKOFF_EXPONENT = 30  # 2**30 backoffs is past any sane maximum; keeps the float finite
@@ -105,7 +106,9 @@ class Subscriber:
     ) -> None:
         urls = (base_url,) if isinstance(base_url, str) else tuple(base_url)
         for url in urls:
-            if not url.startswith(("http://", "https://")):
+            if transport == "grpc":
+                target_of(url)  # grpc://HOST:PORT
+            elif not url.startswith(("http://", "https://")):
                 raise ValueError(f"base_url must be an http:// or https:// URL, got {url!r}")
         if not urls:
             raise ValueError("give at least one base_url")
@@ -246,6 +249,8 @@ class Subscriber:
             await run_ndjson(self, http, opened)
         elif self.transport == "poll":
             await run_poll(self, http, opened)
+        elif self.transport == "grpc":
+            await run_grpc(self, opened)
         else:
             codec = Codec.JSON if self.transport == "ws" else Codec.MSGPACK
             await run_ws(self, codec, opened)

@@ -21,7 +21,8 @@ async def start_broker(nursery: trio.Nursery) -> AsyncIterator[StartBroker]:
     servers: list[Server] = []
 
     async def start(**overrides: Any) -> Running:
-        settings = Settings(port=0, **overrides)
+        # gRPC only where a test asks for it (grpc_listen="127.0.0.1:0"): it costs a loop
+        settings = Settings(**{"port": 0, "grpc_listen": "off", **overrides})
         server = Server(settings)
         servers.append(server)
         running: Running = await nursery.start(server.run)

@@ -1,0 +1,433 @@
+"""The gRPC transport against a real broker (grpc.aio under trio-asyncio) on 127.0.0.1.
+
+The test's client is grpcio's blocking API, run in worker threads, as `broker.client` does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import trio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from broker._pb import broker_pb2 as pb2
+from broker._pb import broker_pb2_grpc as pb2_grpc
+from broker.server import Running
+from tests.integration.clients import subscribe, wait_for
+from tests.integration.conftest import StartBroker
+from tests.integration.test_cluster import cluster_settings
+from tests.natsserver import start_nats_server
+
+GRPC = {"grpc_listen": "127.0.0.1:0"}
+
+
+@pytest.fixture
+async def node(start_broker: StartBroker) -> Running:
+    return await start_broker(heartbeat_seconds=5.0, **GRPC)
+
+
+@pytest.fixture
+def stub(node: Running) -> Iterator[Any]:
+    assert node.grpc is not None
+    with grpc.insecure_channel(node.grpc) as channel:
+        yield pb2_grpc.BrokerStub(channel)
+
+
+async def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """A blocking grpc call, off the trio thread."""
+    return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+
+async def status_of(fn: Any, *args: Any, **kwargs: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        result = await call(fn, *args, **kwargs)
+        if not isinstance(result, pb2.PublishResponse | pb2.PublishStreamResponse):
+            await call(list, result)  # a stream: its status comes when it is read
+    return caught.value.code(), caught.value.details()
+
+
+class Stream:
+    """A server stream read by a worker thread into a list; ``paused`` stops reading."""
+
+    def __init__(self, responses: Any) -> None:
+        self.responses = responses
+        self.deliveries: list[Any] = []
+        self.paused = threading.Event()
+        self.resumed = threading.Event()
+        self.error: grpc.RpcError | None = None
+
+    def pump(self) -> None:
+        try:
+            for delivery in self.responses:
+                self.deliveries.append(delivery)
+                if self.paused.is_set():
+                    self.resumed.wait()
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                self.error = exc
+
+    @property
+    def events(self) -> list[tuple[int, str, bytes]]:
+        return [(e.seq, e.topic, e.payload) for d in list(self.deliveries) for e in d.events]
+
+    async def wait_events(self, n: int, seconds: float = 10.0) -> None:
+        await wait_for(lambda: len(self.events) >= n or self.error is not None, seconds)
+        assert self.error is None, self.error
+
+
+@asynccontextmanager
+async def stream(responses: Any) -> AsyncIterator[Stream]:
+    reader = Stream(responses)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: trio.to_thread.run_sync(reader.pump, abandon_on_cancel=True))
+        try:
+            yield reader
+        finally:
+            reader.resumed.set()
+            responses.cancel()
+
+
+def publish_request(topic: str, payload: bytes, **fields: Any) -> Any:
+    return pb2.PublishRequest(topic=topic, payload=payload, **fields)
+
+
+# -- the same log as every other transport ------------------------------------------------------
+
+
+async def test_publish_over_grpc_subscribe_over_sse_and_the_reverse(
+    node: Running, stub: Any
+) -> None:
+    async with (
+        subscribe(node.url, "sse", ["x.*"]) as sse,
+        stream(stub.Subscribe(pb2.SubscribeRequest(topics=["x.*"]))) as grpc_feed,
+        httpx.AsyncClient(base_url=node.url) as http,
+    ):
+        await wait_for(lambda: len(node.node.hub) == 2)
+        over_grpc = [
+            (await call(stub.Publish, publish_request("x.g", b"g%d" % i))).seq for i in range(5)
+        ]
+        over_http = [
+            (await http.post("/v1/topics/x.h", content=b"h%d" % i)).json()["seq"] for i in range(5)
+        ]
+        await sse.wait_count(10)
+        await grpc_feed.wait_events(10)
+    assert over_grpc + over_http == list(range(1, 11))
+    assert [(i.seq, i.data) for i in sse.received] == [
+        *[(seq, b"g%d" % i) for i, seq in enumerate(over_grpc)],
+        *[(seq, b"h%d" % i) for i, seq in enumerate(over_http)],
+    ]
+    assert grpc_feed.events == [
+        *[(seq, "x.g", b"g%d" % i) for i, seq in enumerate(over_grpc)],
+        *[(seq, "x.h", b"h%d" % i) for i, seq in enumerate(over_http)],
+    ]
+    first = grpc_feed.deliveries[0].subscribed
+    assert (first.epoch, first.position) == (node.node.log.epoch, f"{node.node.log.epoch}:0")
+
+
+async def test_an_event_keeps_its_fields(node: Running, stub: Any) -> None:
+    request = publish_request("f", b"\x00\xff", content_type="application/x-thing", event="made")
+    seq = (await call(stub.Publish, request)).seq
+    responses = stub.Subscribe(pb2.SubscribeRequest(topics=["f"], start=pb2.START_EARLIEST))
+    async with stream(responses) as feed:
+        await feed.wait_events(1)
+    (event,) = [e for d in feed.deliveries for e in d.events]
+    assert (event.seq, event.topic, event.payload, event.content_type, event.event) == (
+        seq,
+        "f",
+        b"\x00\xff",
+        "application/x-thing",
+        "made",
+    )
+    assert event.time_ms > 1_700_000_000_000
+
+
+async def test_resume_after_k_gets_the_rest_exactly_once(node: Running, stub: Any) -> None:
+    batch = [publish_request("r", b"m%d" % i) for i in range(1, 101)]
+    seqs = [a.seq for a in (await call(stub.PublishStream, iter(batch))).acks]
+    assert seqs == list(range(1, 101))
+    epoch = node.node.log.epoch
+    for position in ("40", f"{epoch}:40"):
+        responses = stub.Subscribe(pb2.SubscribeRequest(topics=["r"], position=position))
+        async with stream(responses) as feed:
+            await feed.wait_events(60)
+            await trio.sleep(0.2)  # nothing more, nothing twice
+        assert feed.events == [(seq, "r", b"m%d" % seq) for seq in range(41, 101)]
+
+
+async def test_a_resume_older_than_retention_gets_a_gap(start_broker: StartBroker) -> None:
+    node = await start_broker(retention_messages=10, **GRPC)
+    assert node.grpc is not None
+    with grpc.insecure_channel(node.grpc) as channel:
+        stub = pb2_grpc.BrokerStub(channel)
+        await call(stub.PublishStream, iter([publish_request("g", b"%d" % i) for i in range(30)]))
+        async with stream(stub.Subscribe(pb2.SubscribeRequest(topics=["g"], position="5"))) as feed:
+            await feed.wait_events(10)
+    gaps = [(g.from_seq, g.to_seq) for d in feed.deliveries for g in d.gaps]
+    assert gaps == [(6, 20)]
+    assert [seq for seq, _, _ in feed.events] == list(range(21, 31))
+
+
+async def test_the_python_client_subscribes_over_grpc(node: Running, stub: Any) -> None:
+    from broker.client import subscribe as client_subscribe
+
+    await call(stub.Publish, publish_request("c", b"one"))
+    async with client_subscribe(
+        f"grpc://{node.grpc}", "c", transport="grpc", start="earliest"
+    ) as sub:
+        await call(stub.Publish, publish_request("c", b"two"))
+        got = []
+        async for item in sub:
+            got.append((item.seq, item.data))  # type: ignore[union-attr]
+            if len(got) == 2:
+                break
+    assert got == [(1, b"one"), (2, b"two")]
+
+
+# -- flow control and memory -----------------------------------------------------------------
+
+
+async def test_a_slow_grpc_subscriber_is_bounded_and_later_gets_everything(
+    start_broker: StartBroker,
+) -> None:
+    node = await start_broker(buffer_events=200, **GRPC)
+    assert node.grpc is not None
+    total, payload = 20_000, b"x" * 1000
+    with grpc.insecure_channel(node.grpc) as channel:
+        stub = pb2_grpc.BrokerStub(channel)
+        responses = stub.Subscribe(pb2.SubscribeRequest(topics=["s"]))
+        async with stream(responses) as feed:
+            await wait_for(lambda: len(feed.deliveries) >= 1)  # subscribed
+            feed.paused.set()  # the reader stops reading
+            (sub,) = list(node.node.hub)
+            most_pending = 0
+            for _batch in range(total // 1000):
+                batch = [publish_request("s", payload) for _ in range(1000)]
+                await call(stub.PublishStream, iter(batch))
+                most_pending = max(most_pending, sub.pending_events)
+            await wait_for(lambda: sub.catchups >= 1)  # it fell back to reading the log
+            assert most_pending <= 200 + 1000  # its buffer, or one run
+            assert len(feed.events) < total  # the stall was real
+            feed.resumed.set()
+            await feed.wait_events(total, 30)
+    assert [seq for seq, _, _ in feed.events] == list(range(1, total + 1))
+    print(f"\nslow grpc reader: {sub.catchups} catch-ups, most pending {most_pending}")
+
+
+async def test_a_client_that_goes_away_releases_its_subscription(node: Running, stub: Any) -> None:
+    responses = stub.Subscribe(pb2.SubscribeRequest(topics=["gone"]))
+    async with stream(responses) as feed:
+        await wait_for(lambda: len(feed.deliveries) >= 1)
+        assert len(node.node.hub) == 1
+    await wait_for(lambda: len(node.node.hub) == 0 and not node.node.outlets, 5)
+
+
+# -- Session and PublishStream ----------------------------------------------------------------
+
+
+async def test_session_subscribes_unsubscribes_and_publishes_on_one_stream(
+    node: Running, stub: Any
+) -> None:
+    outbox: list[Any] = []
+    ready = threading.Condition()
+
+    def request_iterator() -> Iterator[Any]:
+        for sent in itertools.count():
+            with ready:
+                ready.wait_for(lambda n=sent: len(outbox) > n)  # type: ignore[misc]
+                request = outbox[sent]
+            if request is None:
+                return
+            yield request
+
+    def send(request: Any) -> None:
+        with ready:
+            outbox.append(request)
+            ready.notify_all()
+
+    def op(id: str, **kwargs: Any) -> Any:
+        return pb2.SessionRequest(id=id, **kwargs)
+
+    responses = stub.Session(request_iterator())
+    async with stream(responses) as feed:
+        send(op("1", subscribe=pb2.SubscribeRequest(sub="a", topics=["s.a"])))
+        send(op("2", subscribe=pb2.SubscribeRequest(sub="b", topics=["s.b"])))
+        await wait_for(lambda: len(node.node.hub) == 2)
+        send(op("3", publish=publish_request("s.a", b"a1")))
+        send(op("4", publish=publish_request("s.b", b"b1")))
+        await feed.wait_events(2)
+        send(op("5", unsubscribe=pb2.UnsubscribeRequest(sub="b")))
+        await wait_for(lambda: len(node.node.hub) == 1)
+        send(op("6", publish=publish_request("s.b", b"b2")))  # nobody on this stream wants it
+        send(op("7", publish=publish_request("s.a", b"a2")))
+        send(op("8", publish=publish_request("bad topic", b"")))
+        send(op("9", unsubscribe=pb2.UnsubscribeRequest(sub="nope")))
+        await feed.wait_events(3)
+        await wait_for(lambda: sum(d.HasField("error") for d in feed.deliveries) == 2)
+        send(None)
+    assert feed.events == [(1, "s.a", b"a1"), (2, "s.b", b"b1"), (4, "s.a", b"a2")]
+    acks = {d.ack.id: (d.ack.seq, d.ack.duplicate) for d in feed.deliveries if d.HasField("ack")}
+    assert acks == {"1": (0, False), "2": (0, False), "3": (1, False), "4": (2, False),
+                    "5": (0, False), "6": (3, False), "7": (4, False)}  # fmt: skip
+    subscribed = [d.subscribed.sub for d in feed.deliveries if d.HasField("subscribed")]
+    assert subscribed == ["a", "b"]
+    errors = [(d.error.id, d.error.problem) for d in feed.deliveries if d.HasField("error")]
+    assert errors == [("8", "bad-topic"), ("9", "unknown-subscription")]
+
+
+async def test_publish_stream_of_10000_acks_every_message_in_order(
+    node: Running, stub: Any
+) -> None:
+    batch = [publish_request("p", b"%d" % i) for i in range(10_000)]
+    response = await call(stub.PublishStream, iter(batch))
+    seqs = [ack.seq for ack in response.acks]
+    assert len(seqs) == 10_000
+    assert seqs == sorted(seqs) and len(set(seqs)) == 10_000
+    assert seqs == list(range(1, 10_001))
+
+
+async def test_publish_stream_stops_at_a_bad_message_and_says_what_was_stored(
+    node: Running, stub: Any
+) -> None:
+    batch = [publish_request("p", b"ok"), publish_request("p", b"ok"), publish_request("p q", b"")]
+    code, message = await status_of(stub.PublishStream, iter(batch))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message.startswith("bad-topic: message 3: ")
+    assert "the 2 before it were stored (seqs up to 2)" in message
+
+
+async def test_an_idempotency_key_is_stored_once(node: Running, stub: Any) -> None:
+    first = await call(stub.Publish, publish_request("k", b"1", idempotency_key="order-7"))
+    again = await call(stub.Publish, publish_request("k", b"1", idempotency_key="order-7"))
+    assert (first.seq, first.duplicate, again.seq, again.duplicate) == (1, False, 1, True)
+
+
+# -- bad requests ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "slug"),
+    [
+        (pb2.SubscribeRequest(topics=["a b"]), grpc.StatusCode.INVALID_ARGUMENT, "bad-pattern"),
+        (pb2.SubscribeRequest(topics=[]), grpc.StatusCode.INVALID_ARGUMENT, "missing-topic"),
+        (
+            pb2.SubscribeRequest(topics=["a"], position="x:y"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "bad-position",
+        ),
+        (
+            pb2.SubscribeRequest(topics=["a"], position="99"),
+            grpc.StatusCode.OUT_OF_RANGE,
+            "position-ahead",
+        ),
+    ],
+)
+async def test_a_bad_subscribe_gets_its_status(
+    stub: Any, request_: Any, code: grpc.StatusCode, slug: str
+) -> None:
+    got_code, message = await status_of(stub.Subscribe, request_)
+    assert (got_code, message.split(":")[0]) == (code, slug)
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "slug"),
+    [
+        ({"topic": "a.*"}, grpc.StatusCode.INVALID_ARGUMENT, "bad-topic"),
+        ({"topic": ""}, grpc.StatusCode.INVALID_ARGUMENT, "bad-topic"),
+        ({"topic": "a", "event": "gap"}, grpc.StatusCode.INVALID_ARGUMENT, "bad-event-name"),
+        (
+            {"topic": "a", "idempotency_key": "has space"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "bad-idempotency-key",
+        ),
+        (
+            {"topic": "a", "payload": b"x" * (1024 * 1024 + 1)},
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "payload-too-large",
+        ),
+    ],
+)
+async def test_a_bad_publish_gets_its_status(
+    node: Running, stub: Any, fields: dict[str, Any], code: grpc.StatusCode, slug: str
+) -> None:
+    got_code, message = await status_of(stub.Publish, pb2.PublishRequest(**fields))
+    assert (got_code, message.split(":")[0]) == (code, slug)
+    assert (await call(stub.Publish, publish_request("a", b"fine"))).seq >= 1  # still serving
+
+
+async def test_a_message_over_the_transport_limit_is_resource_exhausted(stub: Any) -> None:
+    code, _ = await status_of(stub.Publish, publish_request("a", b"x" * (2 * 1024 * 1024)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_draining_ends_streams_and_refuses_calls_with_unavailable(
+    start_broker: StartBroker,
+) -> None:
+    node = await start_broker(drain_seconds=2.0, **GRPC)
+    assert node.grpc is not None
+    with grpc.insecure_channel(node.grpc) as channel:
+        stub = pb2_grpc.BrokerStub(channel)
+        async with stream(stub.Subscribe(pb2.SubscribeRequest(topics=["d"]))) as feed:
+            await wait_for(lambda: len(feed.deliveries) >= 1)
+            node.node.drain()
+            await wait_for(lambda: feed.error is not None)
+        assert feed.error is not None
+        assert (feed.error.code(), feed.error.details().split(":")[0]) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "unavailable",
+        )
+        code, _ = await status_of(stub.Publish, publish_request("d", b"late"))
+        assert code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_publishes_fail_with_unavailable_while_the_backplane_is_down(
+    start_broker: StartBroker,
+) -> None:
+    server = start_nats_server()
+    try:
+        node = await start_broker(**cluster_settings(server, "grpcdown"), **GRPC)
+        assert node.grpc is not None
+        with grpc.insecure_channel(node.grpc) as channel:
+            stub = pb2_grpc.BrokerStub(channel)
+            assert (await call(stub.Publish, publish_request("o", b"up"))).seq == 1
+            server.stop(keep_store=True)
+            await wait_for(lambda: not node.node.ready)
+            code, message = await status_of(stub.Publish, publish_request("o", b"down"))
+            assert (code, message.split(":")[0]) == (grpc.StatusCode.UNAVAILABLE, "unavailable")
+    finally:
+        server.stop()
+
+
+# -- health and reflection ----------------------------------------------------------------------
+
+
+async def test_health_follows_readiness(node: Running) -> None:
+    assert node.grpc is not None
+    with grpc.insecure_channel(node.grpc) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "broker.v1.Broker"):
+            answer = await call(health.Check, health_pb2.HealthCheckRequest(service=service))
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        node.node.drain()
+        with trio.fail_after(5):  # the server polls readiness every 0.25 s
+            while (await call(health.Check, health_pb2.HealthCheckRequest())).status != (
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            ):
+                await trio.sleep(0.05)
+
+
+async def test_reflection_lists_the_services(node: Running) -> None:
+    assert node.grpc is not None
+    with grpc.insecure_channel(node.grpc) as channel:
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (answer,) = await call(lambda: list(reflection.ServerReflectionInfo(iter([request]))))
+    names = {s.name for s in answer.list_services_response.service}
+    assert {"broker.v1.Broker", "grpc.health.v1.Health"} <= names
