@@ -30,9 +30,9 @@ from grpc_reflection.v1alpha import reflection
 from broker._pb import broker_pb2 as pb2
 from broker.backplane.base import AppendRequest, AppendResult
 from broker.errors import Problem, RequestError, Unavailable
-from broker.model import parse_position
+from broker.model import Reset, parse_position
 from broker.node import Node
-from broker.subscription import CloseReason
+from broker.subscription import CloseReason, Subscription
 from broker.wire import pb
 from broker.wire.ndjson import checked_publish
 
@@ -139,6 +139,21 @@ def append_request(node: Node, request: Any) -> AppendRequest:
     )
     return AppendRequest(
         checked.topic, checked.payload, checked.content_type, checked.event, checked.key
+    )
+
+
+def open_subscription(
+    node: Node, request: Any, sub_id: str | None = None
+) -> tuple[Subscription, list[Reset]]:
+    """A subscription as a ``SubscribeRequest`` asks; `RequestError` if it is bad."""
+    start = "earliest" if request.start == pb2.START_EARLIEST else None
+    position = parse_position(request.position) if request.position else None
+    return node.open_subscription(
+        node.parse_filter(list(request.topics)),
+        position=position,
+        start=start,
+        transport=TRANSPORT,
+        sub_id=sub_id,
     )
 
 
@@ -334,14 +349,7 @@ class GrpcServer:
 
     async def _trio_subscribe(self, request: Any, context: Any) -> None:
         node = self.node
-        start = "earliest" if request.start == pb2.START_EARLIEST else None
-        position = parse_position(request.position) if request.position else None
-        sub, greeting = node.open_subscription(
-            node.parse_filter(list(request.topics)),
-            position=position,
-            start=start,
-            transport=TRANSPORT,
-        )
+        sub, greeting = open_subscription(node, request)
         framing = node.framings.grpc
         with node.outlet(
             GrpcSink(context, self._loop), framing, TRANSPORT, heartbeat=pb.HEARTBEAT
@@ -445,15 +453,7 @@ class _Session:
             raise RequestError(
                 Problem.TOO_MANY_SUBSCRIPTIONS, f"at most {limit} subscriptions per session"
             )
-        start = "earliest" if request.start == pb2.START_EARLIEST else None
-        position = parse_position(request.position) if request.position else None
-        sub, greeting = node.open_subscription(
-            node.parse_filter(list(request.topics)),
-            position=position,
-            start=start,
-            transport=TRANSPORT,
-            sub_id=request.sub or self._next_id(),
-        )
+        sub, greeting = open_subscription(node, request, request.sub or self._next_id())
         epoch = node.log.epoch
         await self.sink.write(
             pb.encode_subscribed(sub.id, epoch, f"{epoch}:{sub.position}")
