@@ -108,6 +108,7 @@ class MemoryLog:
         results: list[AppendResult] = []
         stored: list[Event] = []
         batch_keys: dict[str, int] = {}
+        per_topic_limit = self._per_topic.limit  # 0 (the default): no per-event work
         for request in requests:
             key = request.key
             if key is not None:
@@ -131,9 +132,10 @@ class MemoryLog:
             self._events.append(event)
             self._bytes += event_size(event)
             stored.append(event)
-            victim = self._per_topic.added(event)
-            if victim is not None:
-                self._delete(victim)
+            if per_topic_limit:
+                victim = self._per_topic.added(event)
+                if victim is not None:
+                    self._delete(victim)
             if key is not None:
                 batch_keys[key] = event.seq
                 self._dedupe[key] = (event.seq, now)

@@ -98,11 +98,12 @@ class Window:
         self.start = start
 
     def extend(self, events: Sequence[Event]) -> None:
+        per_topic_limit = self.per_topic.limit  # 0 (the default): no per-event work
         for event in events:
             self._events.append(event)
             self._seqs.append(event.seq)
             self._bytes += event_size(event)
-            victim = self.per_topic.added(event)
+            victim = self.per_topic.added(event) if per_topic_limit else None
             if victim is not None:
                 index = bisect.bisect_left(self._seqs, victim, self._head)
                 dead = tombstone(self._events[index])

@@ -439,8 +439,8 @@ class _Session:
         except (RequestError, Unavailable) as error:
             if isinstance(error, Unavailable):
                 error = RequestError(Problem.UNAVAILABLE, str(error))
-            detail = error.detail
-            await self.sink.write(pb.encode_error(request.id, sub_id, error.problem.slug, detail))
+            problem = pb.encode_error(request.id, sub_id, error.problem.slug, error.detail)
+            await self.sink.write(problem)
 
     async def _subscribe(self, request_id: str, request: Any) -> None:
         node, outlet = self.node, self.outlet
