@@ -5,7 +5,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PB     := broker/_pb/broker_pb2.py
 
-.PHONY: run test lint clean
+# The browser tests drive Debian's Chromium (a test tool's own browser download cannot work here).
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test lint chromium clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +31,17 @@ lint: $(STAMP) $(PB)
 	$(BIN)/ruff check broker tests
 	$(BIN)/mypy broker
 
+## chromium: Debian's chromium and fonts for the browser tests, unless one is there (or BROKER_CHROMIUM)
+chromium:
+	@if [ -z "$$BROKER_CHROMIUM" ] && ! command -v chromium >/dev/null; then \
+		echo "installing Debian's chromium for the browser tests"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+			chromium fonts-dejavu-core fonts-liberation >/dev/null; \
+	fi
+
 ## test: lint, type-check, then the whole suite (pytest exits 5 when it collects nothing: that fails too)
-test: lint
+test: lint chromium
 	$(BIN)/python -m pytest
 
 clean:
