@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -21,6 +22,9 @@ from broker.subscription import OverflowPolicy
 ENV_PREFIX = "BROKER_"
 KiB = 1024
 MiB = 1024 * KiB
+
+
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+\Z")
 
 
 class ConfigError(ValueError):
@@ -67,6 +71,10 @@ class Settings:
     grpc_listen: str = "127.0.0.1:50051"
     grpc_keepalive_seconds: float = 20.0  # server pings an idle connection this often
     grpc_keepalive_timeout_seconds: float = 10.0  # and drops it when no answer comes this soon
+    # Browsers on other origins: comma-separated origins (https://app.example.com) or "*", allowed
+    # to read responses (EventSource, fetch) and to send headers such as Authorization. Empty:
+    # same-origin pages only. WebSocket is not subject to CORS (see docs/operations.md).
+    cors_origins: str = ""
     log_level: str = "info"
     log_format: str = "json"  # or "text"
 
@@ -90,10 +98,19 @@ class Settings:
             host, _, port = self.grpc_listen.rpartition(":")
             if not host or not port.isdigit() or int(port) > 65535:
                 raise ConfigError(f"grpc_listen must be HOST:PORT or off, got {self.grpc_listen!r}")
+        for origin in self.cors_origin_list:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ConfigError(
+                    f"cors_origins: {origin!r} is not an origin (scheme://host[:port]) or *"
+                )
         if self.log_format not in {"json", "text"}:
             raise ConfigError(f"log_format must be json or text, got {self.log_format!r}")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"log_level must be debug/info/warning/error, not {self.log_level!r}")
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -24,6 +24,7 @@ from broker.backplane.nats import JetStreamLog
 from broker.config import Settings
 from broker.node import Node
 from broker.transports.asgi import create_app
+from broker.transports.cors import with_cors
 from broker.transports.grpc import GrpcServer
 from broker.transports.http import create_quart_app
 from broker.transports.listener import listen
@@ -90,6 +91,8 @@ class Server:
     ) -> None:
         node = self.node
         app = create_app(node, create_quart_app(node))
+        if self.settings.cors_origin_list:
+            app = with_cors(app, self.settings.cors_origin_list)
         shutdown = trio.Event()
         http_done = trio.Event()
 
