@@ -69,6 +69,9 @@ def _published(result: AppendResult) -> dict[str, Any]:
 def create_quart_app(node: Node) -> QuartTrio:
     app = QuartTrio("broker")
     app.config["RESPONSE_TIMEOUT"] = None  # long-polls are bounded by their own timeout
+    # /static/ (broker.js, the console's module): revalidated on every load, so an upgraded
+    # broker never serves a page with yesterday's client
+    app.config["SEND_FILE_MAX_AGE_DEFAULT"] = 0
     # Quart's own cap bounds what any body may cost before a route sees it (chunked uploads
     # included); each route then applies its exact limit.
     settings = node.settings
