@@ -7,7 +7,8 @@
 //     onGap: (g) => console.warn("missed", g.from_seq, g.to_seq, g.topic),
 //     onStatus: (status) => console.log(status), // connecting | open | reconnecting | failed | closed
 //   });
-//   await publish("chat.lobby", { text: "hi" }); // -> { seq: 42 }
+//   await sub.ready;                            // the broker holds it: what follows arrives
+//   await publish("chat.lobby", { text: "hi" }); // -> { seq: 42, duplicate: false }
 //   sub.close();
 //
 // Every event is handed over once, in seq order: a reconnect resumes from the last seq seen (on any
@@ -19,8 +20,8 @@ const DEFAULTS = {
   transport: "sse",
   initialDelayMs: 250, // reconnect backoff: a random delay in [0, min(maxDelayMs, initial * 2^n)]
   maxDelayMs: 15000,
-  idleTimeoutMs: 45000, // WebSocket and NDJSON: reconnect after this long without a byte (the
-  //                       broker sends a heartbeat after 15 s of silence by default)
+  idleTimeoutMs: 45000, // a connection attempt, or a WebSocket or NDJSON stream, silent this long
+  //                       is replaced (the broker's heartbeat comes after 15 s of silence)
 };
 const TRANSPORTS = new Set(["sse", "ws", "ndjson"]);
 const WS_FATAL_CLOSE_CODES = new Set([1002, 1003]); // no usable subprotocol, wrong frame type
@@ -117,7 +118,7 @@ export async function publish(topic, data, options = {}) {
  *   only the names it is told)
  * - headers, credentials: NDJSON only (fetch): e.g. {Authorization: "Bearer ..."}
  * - initialDelayMs, maxDelayMs, idleTimeoutMs: reconnect tuning
- * Returns a Subscription: close(), position, status, stats.
+ * Returns a Subscription: close(), ready (a promise), position, status, stats.
  */
 export function subscribe(topics, options = {}) {
   return new Subscription(typeof topics === "string" ? [topics] : [...topics], options);
@@ -151,6 +152,12 @@ export class Subscription {
     this._timer = null; // a pending reconnect
     this._idle = null;
     this._topicGaps = [];
+    /** Resolves once the broker holds the subscription (its start position is fixed): whatever
+     * is published from then on arrives. Rejects if it fails or is closed before that. */
+    this.ready = new Promise((resolve, reject) => {
+      this._ready = { resolve, reject };
+    });
+    this.ready.catch(() => {}); // awaiting it is optional: no unhandled rejection
     this._onOnline = () => this._retryNow();
     globalThis.addEventListener?.("online", this._onOnline);
     // handlers may refer to the returned subscription: start after subscribe() has returned
@@ -168,6 +175,7 @@ export class Subscription {
     this._closed = true;
     this._teardown();
     globalThis.removeEventListener?.("online", this._onOnline);
+    this._ready.reject(new Error("closed before it was open"));
     this._setStatus("closed");
   }
 
@@ -186,6 +194,7 @@ export class Subscription {
     this._attempt = 0;
     if (this._everOpened) this.stats.reconnects++;
     this._everOpened = true;
+    this._ready.resolve();
     this._setStatus("open");
   }
 
@@ -226,6 +235,7 @@ export class Subscription {
     this._teardown();
     this._closed = true;
     globalThis.removeEventListener?.("online", this._onOnline);
+    this._ready.reject(error);
     this._setStatus("failed", { error });
     this.options.onError?.(error);
   }
@@ -235,8 +245,10 @@ export class Subscription {
     this.options.onStatus?.(status, { ...detail, reconnects: this.stats.reconnects });
   }
 
-  /** WebSocket and NDJSON: a connection that says nothing for idleTimeoutMs is presumed dead
-   * (a laptop that slept, a NAT that forgot us); the broker's heartbeats keep a live one talking. */
+  /** A connection attempt that has not answered, or (WebSocket, NDJSON) a connection that has
+   * said nothing, for idleTimeoutMs is presumed dead: a laptop that slept, a NAT that forgot us,
+   * a pooled keep-alive connection that died with them. The broker's heartbeats keep a live one
+   * talking. (An open EventSource cannot be watched: heartbeats are comments, which it hides.) */
   _alive() {
     clearTimeout(this._idle);
     this._idle = setTimeout(() => this._retry(new Error("no data or heartbeat")), this.options.idleTimeoutMs);
@@ -347,6 +359,7 @@ export class Subscription {
       withCredentials: this.options.credentials === "include",
     });
     this._es = es;
+    this._alive();
     const onEvent = (message) => {
       const { epoch, seq } = parsePosition(message.lastEventId);
       this._event({
@@ -359,7 +372,10 @@ export class Subscription {
         data: message.data,
       });
     };
-    es.onopen = () => this._opened();
+    es.onopen = () => {
+      clearTimeout(this._idle);
+      this._opened();
+    };
     es.onmessage = onEvent;
     for (const name of this.options.events ?? []) es.addEventListener(name, onEvent);
     es.addEventListener("gap", (message) => this._gap(JSON.parse(message.data)));
@@ -367,6 +383,7 @@ export class Subscription {
     es.onerror = () => {
       if (this._closed || this._es !== es) return;
       if (es.readyState === EventSource.CONNECTING) {
+        this._alive();
         this._setStatus("reconnecting"); // the browser's own retry, with Last-Event-ID
         return;
       }
@@ -404,6 +421,7 @@ export class Subscription {
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
     const ws = new WebSocket(url, "broker.v1.json");
     this._ws = ws;
+    this._alive();
     ws.onopen = () => {
       const op = { op: "subscribe", id: "s1", topics: this.topics };
       if (this.seq !== null) op.from_seq = this.position;
@@ -432,6 +450,7 @@ export class Subscription {
     this._abort = abort;
     const url = new URL(`v1/ndjson?${this._query()}`, this.base);
     let reader;
+    this._alive();
     try {
       const response = await fetch(url, {
         headers: { Accept: "application/x-ndjson", ...this.options.headers },

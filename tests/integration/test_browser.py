@@ -6,6 +6,7 @@ browser's own EventSource, WebSocket and fetch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -202,6 +203,9 @@ async def test_a_bad_pattern_fails_with_the_brokers_problem(
     await page.wait_for("window.sub.status === 'failed'", what="the subscription to fail")
     (error,) = await page.evaluate("window.errors")
     assert error["code"] == "bad-pattern", error
+    assert await page.evaluate("window.sub.ready.then(() => 'open', (e) => e.code)") == (
+        "bad-pattern"
+    )
     assert "orders..eu" in error["message"] or "token" in error["message"], error
     assert len(broker.node.outlets) == 0
 
@@ -394,3 +398,105 @@ async def test_duplicates_gaps_and_resets_are_handled_once(broker: Running, page
         ["position", "E2:1"],
         ["stats", {"events": 4, "duplicates": 3, "gaps": 2, "resets": 1, "reconnects": 0}],
     ]
+
+
+class FreezingProxy:
+    """A TCP proxy on 127.0.0.1 whose connections can be frozen: bytes stop flowing both ways but
+    nothing is closed, as when a laptop sleeps or a NAT forgets a mapping. New connections flow."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.frozen: list[trio.Event] = []
+        self.url = ""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        task_status.started()
+        await trio.serve_listeners(self._serve, listeners)
+
+    def freeze(self) -> None:
+        for thaw in self.frozen:
+            thaw.set()
+
+    async def _serve(self, client: trio.SocketStream) -> None:
+        frozen = trio.Event()
+        self.frozen.append(frozen)
+        async with client, await trio.open_tcp_stream("127.0.0.1", self.upstream_port) as up:
+
+            async def pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    while data := await source.receive_some(65536):
+                        if frozen.is_set():
+                            await trio.sleep_forever()
+                        await sink.send_all(data)
+                nursery.cancel_scope.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, client, up)
+                nursery.start_soon(pump, up, client)
+                await frozen.wait()
+                await trio.sleep_forever()  # held open, silent
+
+
+@pytest.mark.parametrize("transport", ["ws", "ndjson"])
+async def test_a_connection_gone_silent_is_replaced_and_nothing_is_lost(
+    nursery: trio.Nursery, start_broker: StartBroker, page: Page, transport: str
+) -> None:
+    """No close, no error: the connection just stops carrying bytes. The broker's heartbeats
+    stop arriving, the client gives up on it after idleTimeoutMs and resumes on a new one."""
+    broker = await start_broker(heartbeat_seconds=0.3)
+    proxy = FreezingProxy(int(broker.url.rsplit(":", 1)[1]))
+    await nursery.start(proxy.run)
+    await open_subscription(page, proxy.url, ["quiet.t"], transport=transport,
+                            idleTimeoutMs=1500, initialDelayMs=50)
+    await wait_open(page)
+    async with httpx.AsyncClient(base_url=broker.url, timeout=10.0) as client:
+        before = await publish_http(client, "quiet.t", 20)
+        await page.wait_for("window.seen.length >= 20", what="20 events")
+        proxy.freeze()
+        after = await publish_http(client, "quiet.t", 30, start=20)
+    await page.wait_for("window.seen.length >= 50", what="all 50 events")
+    assert await seen(page) == before + after
+    assert await page.evaluate("window.sub.stats.reconnects") == 1
+
+
+async def test_the_online_event_cuts_a_long_backoff_short(broker: Running, page: Page) -> None:
+    await open_subscription(page, broker.url, ["net.t"], transport="ws",
+                            initialDelayMs=60_000, maxDelayMs=60_000)
+    await wait_open(page)
+    await page.evaluate("Math.random = () => 0.999999")  # the next wait: about a minute
+    broker.node.connections.cut_all()
+    await page.wait_for("window.sub.status === 'reconnecting'")
+    await trio.sleep(0.3)
+    assert await page.evaluate("window.sub.status") == "reconnecting"
+    await page.evaluate("window.dispatchEvent(new Event('online'))")
+    await page.wait_for("window.sub.status === 'open'", timeout=5, what="an immediate reconnect")
+    assert await page.evaluate("window.sub.stats.reconnects") == 1
+
+
+def module_snippets(path: str) -> list[str]:
+    """The ``<script type="module">`` snippets of a document that import broker.js."""
+    text = (Path(__file__).resolve().parents[2] / path).read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```html\n")[1:]]
+    return [
+        b.split('<script type="module">', 1)[1].rsplit("</script>", 1)[0]
+        for b in blocks
+        if "broker.js" in b
+    ]
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/browser.md"])
+async def test_the_documented_snippet_runs(broker: Running, page: Page, document: str) -> None:
+    (snippet,) = module_snippets(document)
+    snippet = snippet.replace("http://127.0.0.1:8080", broker.url)
+    await page.goto(f"{broker.url}/healthz")
+    await page.evaluate(
+        f"(() => {{ const s = document.createElement('script'); s.type = 'module';"
+        f" s.textContent = {json.dumps(snippet)}; document.body.append(s); }})()"
+    )
+    with trio.fail_after(10):
+        while not any(line.startswith("log: 1 ") for line in page.console):
+            await trio.sleep(0.05)
+    assert any(line.startswith("log: open") for line in page.console), page.said()
+    assert page.errors == [], page.said()
