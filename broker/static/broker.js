@@ -372,7 +372,9 @@ export class Subscription {
         data: message.data,
       });
     };
+    let failedBefore = false;
     es.onopen = () => {
+      failedBefore = false;
       clearTimeout(this._idle);
       this._opened();
     };
@@ -382,9 +384,17 @@ export class Subscription {
     es.addEventListener("reset", (message) => this._reset(JSON.parse(message.data)));
     es.onerror = () => {
       if (this._closed || this._es !== es) return;
-      if (es.readyState === EventSource.CONNECTING) {
+      if (es.readyState === EventSource.CONNECTING && !failedBefore) {
+        // the browser's own retry, with Last-Event-ID, after the broker's `retry:` (500 ms when
+        // a node drains): one, and if that fails too, our backoff takes over (EventSource's
+        // fixed interval would have every tab of a busy site knock at once, forever)
+        failedBefore = true;
         this._alive();
-        this._setStatus("reconnecting"); // the browser's own retry, with Last-Event-ID
+        this._setStatus("reconnecting");
+        return;
+      }
+      if (es.readyState === EventSource.CONNECTING) {
+        this._retry(new Error("the event stream could not reconnect"));
         return;
       }
       // CLOSED: the browser gave up (an HTTP error status, or not an event stream). Ask the

@@ -52,13 +52,16 @@ async def open_subscription(
     await page.evaluate(
         f"""(async () => {{
             const {{ subscribe, publish }} = await import("{url}/static/broker.js");
-            Object.assign(window, {{ seen: [], events: [], gaps: [], statuses: [], errors: [],
-                                     publish }});
+            Object.assign(window, {{ seen: [], events: [], gaps: [], statuses: [], delays: [],
+                                     errors: [], publish }});
             window.sub = subscribe({json.dumps(topics)}, {{
                 ...{json.dumps(options)},
                 onEvent: (e) => {{ seen.push(e.seq); events.push(e); }},
                 onGap: (g) => gaps.push(g),
-                onStatus: (s, d) => statuses.push(s),
+                onStatus: (s, d) => {{
+                    statuses.push(s);
+                    if (d.delayMs !== undefined) delays.push(d.delayMs);
+                }},
                 onError: (e) => errors.push({{ code: e.code, status: e.status,
                                                message: e.message }}),
             }});
@@ -146,7 +149,8 @@ async def test_every_message_once_across_a_broker_restart(
     nursery: trio.Nursery, nats_server: NatsServer, page: Page, transport: str
 ) -> None:
     """The broker is stopped and started again on the same port, on the same log (a JetStream
-    stream), while a publisher goes on (retrying while it is away)."""
+    stream), while a publisher goes on (retrying while it is away). It stays away longer than
+    EventSource's one quick retry, so the client's own backoff has to bring it back."""
     settings = Settings(**{**cluster_settings(nats_server, "browser"), "port": 0,
                            "grpc_listen": "off", "drain_seconds": 1.0})
     first: Running = await nursery.start(Server(settings).run)
@@ -160,6 +164,7 @@ async def test_every_message_once_across_a_broker_restart(
         if i == 100:
             current[0].server.stop()
             await current[0].server.stopped()
+            await trio.sleep(1.5)
             again = dataclasses.replace(settings, port=port)
             current[0] = await nursery.start(Server(again).run)
 
@@ -173,6 +178,7 @@ async def test_every_message_once_across_a_broker_restart(
         statuses = await page.evaluate("window.statuses")
         assert statuses[:2] == ["connecting", "open"] and statuses[-1] == "open", statuses
         assert "reconnecting" in statuses, statuses
+        assert await page.evaluate("window.delays"), "the client's backoff took over"
         assert await page.evaluate("window.gaps") == []
     finally:
         current[0].server.stop()
