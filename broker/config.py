@@ -75,6 +75,9 @@ class Settings:
     # to read responses (EventSource, fetch) and to send headers such as Authorization. Empty:
     # same-origin pages only. WebSocket is not subject to CORS (see docs/operations.md).
     cors_origins: str = ""
+    # Subscriber streams (SSE, NDJSON, WebSocket) written straight to the socket; false: every
+    # connection through hypercorn (the slow path, kept complete; see docs/performance.md).
+    native_streams: bool = True
     log_level: str = "info"
     log_format: str = "json"  # or "text"
 
@@ -118,6 +121,8 @@ class Settings:
 
 _ZERO_ALLOWED = {"port", "retention_messages_per_topic"}  # 0: any port; no limit
 _FIELDS = frozenset(f.name for f in fields(Settings))
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
 
 
 def _convert(name: str, raw: object) -> object:
@@ -125,6 +130,13 @@ def _convert(name: str, raw: object) -> object:
     if name not in _FIELDS:
         raise ConfigError(f"unknown setting {name!r}")
     default = getattr(Settings(), name)
+    if isinstance(default, bool):
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise ConfigError(f"{name}: expected true or false, got {raw!r}")
     if not isinstance(raw, str | int | float) or isinstance(raw, bool):
         raise ConfigError(f"{name}: expected a {type(default).__name__}, got {raw!r}")
     try:

@@ -9,14 +9,17 @@
   here only have the fallback.
 - `Outlet` is one connection's delivery end: its subscriptions, its sink, and the writer loop
   that drains everything pending into one write, replays the log for subscriptions in catch-up,
-  and sends heartbeats after a silence.
+  and sends heartbeats after a silence. When the sink is a raw socket (``direct``) and the
+  writer is parked with nothing queued, new events are written from the router's task as they
+  are routed (one non-blocking write, no task switch); the writer takes over whenever that
+  cannot be done whole.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import trio
 
@@ -33,6 +36,15 @@ class Sink(Protocol):
         ...
 
     async def write(self, data: bytes) -> None: ...
+
+
+@runtime_checkable
+class DirectSink(Sink, Protocol):
+    """A sink on a raw socket, written from whichever task has the bytes."""
+
+    def write_nowait_many(self, frames: Sequence[bytes]) -> bool:
+        """Write every frame now, or nothing (False); a partial write is finished by the sink."""
+        ...
 
 
 class Framing:
@@ -173,14 +185,17 @@ class Outlet:
         self.blocked_since: float | None = None
         # Severs the connection when a write is stuck (set by the transport).
         self.cut: Callable[[], bool] = lambda: False
-        self._greetings: list[bytes] = []
+        self._greetings: list[bytes] = []  # frames to write before anything else
+        self._direct = sink if isinstance(sink, DirectSink) else None
+        self._parked = False
+        self._last_write = trio.current_time()
 
     # -- subscriptions ---------------------------------------------------------------------
 
     def attach(self, sub: Subscription, *, greeting: Sequence[bytes] = ()) -> None:
         """Start delivering ``sub``; ``greeting`` (e.g. a reset frame) goes out first."""
         self.subscriptions[sub.id] = sub
-        sub.wake = self._wake
+        sub.wake = self._wake if self._direct is None else self._wake_direct
         self._greetings.extend(greeting)
         self.hub.add(sub)
         self._wake()
@@ -207,8 +222,30 @@ class Outlet:
         self._wake()
 
     def _wake(self) -> None:
+        self._parked = False
         if len(self._lot):
             self._lot.unpark_all()
+
+    def _wake_direct(self) -> None:
+        """A subscription has work. If the writer is parked with nothing queued and every
+        subscription is live, write what is pending now, from the caller's task (the router's);
+        else wake the writer."""
+        sink = self._direct
+        if sink is None or not self._parked or self._greetings or self.draining:
+            return self._wake()
+        subs = list(self.subscriptions.values())
+        if any(sub.state is not State.LIVE for sub in subs):
+            return self._wake()
+        for sub in subs:
+            if not sub.has_pending:
+                continue
+            items = sub.take()
+            frames = self.framing.render(sub, items)
+            if not sink.write_nowait_many(frames):
+                self._greetings.extend(frames)  # the writer sends them first
+                self._wake()
+            self._last_write = trio.current_time()
+            self._count(sub, sum(len(i.events) for i in items if isinstance(i, Run)))
 
     # -- the writer --------------------------------------------------------------------------
 
@@ -245,9 +282,13 @@ class Outlet:
                     progressed = True
             if not progressed:
                 # No await since the checks above, so no wake-up can have been missed.
-                with trio.move_on_after(self._heartbeat_seconds) as scope:
+                self._parked = True
+                deadline = self._last_write + self._heartbeat_seconds
+                with trio.move_on_at(deadline) as scope:
                     await self._lot.park()
-                if scope.cancelled_caught and self._heartbeat is not None:
+                self._parked = False
+                silent = trio.current_time() - self._last_write >= self._heartbeat_seconds
+                if scope.cancelled_caught and silent and self._heartbeat is not None:
                     await self._write([self._heartbeat])
 
     async def _catch_up(self, sub: Subscription) -> None:
@@ -270,6 +311,9 @@ class Outlet:
 
     async def _write(self, frames: Sequence[bytes]) -> None:
         sink = self.sink
+        self._last_write = trio.current_time()
+        if self._direct is not None and len(frames) > 1 and self._direct.write_nowait_many(frames):
+            return
         for frame in frames:
             if not sink.write_nowait(frame):
                 self.blocked_since = trio.current_time()

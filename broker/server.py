@@ -31,6 +31,7 @@ from broker.transports.listener import listen
 from broker.transports.listener import serve as serve_asgi
 
 logger = logging.getLogger("broker.server")
+GRACEFUL_SECONDS = 1.0  # hypercorn's own grace once the subscribers have been drained
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config.websocket_ping_interval = None
     # a WS publish op carries the payload plus a small envelope (and base64 for binary in JSON)
     config.websocket_max_message_size = settings.max_payload_bytes * 2 + 64 * 1024
-    config.graceful_timeout = 1.0  # connections have already been drained by then
+    config.graceful_timeout = GRACEFUL_SECONDS  # connections have already been drained by then
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     return config
@@ -106,6 +107,7 @@ class Server:
                     sock,
                     node.connections,
                     shutdown_trigger=shutdown.wait,
+                    native_app=app if self.settings.native_streams else None,
                     task_status=task_status,
                 )
             finally:
@@ -127,8 +129,14 @@ class Server:
                 await self._stop.wait()
                 await self._drain()
                 shutdown.set()
-                with trio.move_on_after(5.0):
+                with trio.move_on_after(GRACEFUL_SECONDS + 0.5):
                     await http_done.wait()
+                if not http_done.is_set():
+                    # what is left is stuck in a write (hypercorn shields those): sever it
+                    cut = node.connections.cut_all()
+                    logger.info("cut", extra={"connections": cut})
+                    with trio.move_on_after(5.0):
+                        await http_done.wait()
                 nursery.cancel_scope.cancel()
         finally:
             self._stopped.set()
@@ -140,10 +148,11 @@ class Server:
         node.drain()
         with trio.move_on_after(self.settings.drain_seconds):
             await node.wait_no_outlets()
-        left = len(node.outlets)
-        # whatever is left is stuck in a write (hypercorn shields those): sever it
-        cut = node.connections.cut_all()
-        logger.info("drained", extra={"connections_left": left, "connections_cut": cut})
+        # a subscriber still here is stuck in a write: sever its connection (only those: the
+        # others are finishing their last bytes)
+        stuck = list(node.outlets)
+        cut = sum(outlet.cut() for outlet in stuck)
+        logger.info("drained", extra={"connections_left": len(stuck), "connections_cut": cut})
 
     def stop(self) -> None:
         """Begin the graceful shutdown (idempotent)."""

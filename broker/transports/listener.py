@@ -30,6 +30,8 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr
 
+from broker.transports import native
+
 logger = logging.getLogger("broker.listener")
 
 Address = tuple[Any, ...]
@@ -106,9 +108,11 @@ async def serve(
     registry: ConnectionRegistry,
     *,
     shutdown_trigger: Callable[[], Awaitable[None]],
+    native_app: Any = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on ``sock`` until ``shutdown_trigger`` returns; started with the URL."""
+    """Serve ``app`` on ``sock`` until ``shutdown_trigger`` returns; started with the URL.
+    With ``native_app`` (the plain ASGI app), subscriber streams are served by `native`."""
     lifespan_state: LifespanState = {}
     lifespan = Lifespan(app, config, lifespan_state)
     context = WorkerContext(None)
@@ -120,7 +124,13 @@ async def serve(
             url = f"http://{repr_socket_addr(sock.family, sock.getsockname())}"
             task_status.started(url)
             state = ConnectionState(lifespan_state.copy())
+            handler: Callable[[trio.SocketStream], Awaitable[None]]
             handler = partial(TCPServer, app, config, context, state)
+            if native_app is not None:  # subscriber streams on the raw socket (native.py)
+                handler = partial(
+                    native.handle, app=native_app, fallback=handler,
+                    max_ws_message=config.websocket_max_message_size,
+                )
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(raise_shutdown, shutdown_trigger)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import trio
 
+from broker.delivery import Sink
 from broker.errors import RequestError, Unavailable
 from broker.node import Node
 from broker.subscription import CloseReason
@@ -65,7 +66,7 @@ async def serve(
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return
     framing = node.framings.sse if transport == "sse" else node.framings.ndjson
-    sink = AsgiBodySink(send)
+    sink: Sink = scope.get("extensions", {}).get("broker.native") or AsgiBodySink(send)
     gone = False
     heartbeat = sse.HEARTBEAT if transport == "sse" else ndjson.HEARTBEAT
     client = scope.get("client")

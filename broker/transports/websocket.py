@@ -55,7 +55,8 @@ async def serve(node: Node, scope: Scope, receive: Receive, send: Send) -> None:
         )
         return await _refuse(scope, send, error)
     await send({"type": "websocket.accept", "subprotocol": codec.value if offered else None})
-    sink = AsgiWebSocketSink(send, text=codec is ws.Codec.JSON)
+    native = scope.get("extensions", {}).get("broker.native")
+    sink = native or AsgiWebSocketSink(send, text=codec is ws.Codec.JSON)
     # An application frame, not a protocol ping: browsers never see pings, so only this lets
     # a client notice a dead connection (and hypercorn's ping task outlives closed sockets).
     heartbeat = ws.frame_bytes(ws.encode_frame(codec, {"type": "heartbeat"}))

@@ -15,14 +15,37 @@ from broker.server import Running, Server
 StartBroker = Callable[..., Awaitable[Running]]
 
 
+# Subscriber streams have two paths (transports/native.py: the raw socket; hypercorn: the ASGI
+# one). The tests of these modules run against both; the others use the default (native).
+BOTH_STREAM_PATHS = {
+    "test_transports", "test_websocket", "test_slow_reader", "test_errors", "test_churn",
+    "test_client", "test_operations", "test_cors",
+}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if module in BOTH_STREAM_PATHS and "stream_path" in metafunc.fixturenames:
+        metafunc.parametrize("stream_path", ["native", "hypercorn"], indirect=True)
+
+
 @pytest.fixture
-async def start_broker(nursery: trio.Nursery) -> AsyncIterator[StartBroker]:
+def stream_path(request: pytest.FixtureRequest) -> str:
+    path: str = getattr(request, "param", "native")
+    return path
+
+
+@pytest.fixture
+async def start_broker(nursery: trio.Nursery, stream_path: str) -> AsyncIterator[StartBroker]:
     """Start a broker with settings overrides; every one started is stopped at teardown."""
     servers: list[Server] = []
 
     async def start(**overrides: Any) -> Running:
         # gRPC only where a test asks for it (grpc_listen="127.0.0.1:0"): it costs a loop
-        settings = Settings(**{"port": 0, "grpc_listen": "off", **overrides})
+        settings = Settings(
+            **{"port": 0, "grpc_listen": "off", "native_streams": stream_path == "native",
+               **overrides}
+        )
         server = Server(settings)
         servers.append(server)
         running: Running = await nursery.start(server.run)
