@@ -8,7 +8,7 @@ PB     := broker/_pb/broker_pb2.py
 # The browser tests drive Debian's Chromium (a test tool's own browser download cannot work here).
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint chromium clean
+.PHONY: run test lint chromium bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ run: $(STAMP) $(PB)
 	$(BIN)/broker serve
 
 lint: $(STAMP) $(PB)
-	$(BIN)/ruff check broker tests
+	$(BIN)/ruff check broker tests bench
 	$(BIN)/mypy broker
 
 ## chromium: Debian's chromium and fonts for the browser tests, unless one is there (or BROKER_CHROMIUM)
@@ -43,6 +43,12 @@ chromium:
 ## test: lint, type-check, then the whole suite (pytest exits 5 when it collects nothing: that fails too)
 test: lint chromium
 	$(BIN)/python -m pytest
+
+## bench: the benchmarks (PLAN=quick by default; full, tiny), results in bench/results/
+PLAN ?= quick
+bench: $(STAMP) $(PB)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/broker bench --plan $(PLAN)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

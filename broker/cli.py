@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
 
 import trio
 
@@ -49,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cluster.add_argument("--nodes", type=int, default=3, help="broker nodes (default 3)")
     cluster.add_argument("--nats", type=int, default=3, help="NATS servers (default 3)")
+    bench = commands.add_parser(
+        "bench",
+        help="run the benchmarks (bench/, in a source checkout): scenarios against the broker "
+        "and its baselines, results in bench/results/",
+        add_help=False,
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     from broker.client import cli as client_cli
 
     client_cli.add_commands(commands, default_url=DEFAULT_URL)
@@ -56,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its options are its own (bench/run.py)
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         overrides = {f.name: getattr(args, f.name) for f in fields(Settings)}
@@ -77,3 +89,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from broker.client import cli as client_cli
 
     return client_cli.run(args)
+
+
+def _bench(argv: list[str]) -> int:
+    """``bench/`` lives beside the package in a checkout; it is not installed with it."""
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / "bench" / "run.py").exists():
+        print("broker: bench/ is not here: run `broker bench` from a source checkout "
+              "(make bench)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(checkout))
+    result: int = importlib.import_module("bench.run").main(argv)
+    return result

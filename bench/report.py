@@ -1,0 +1,183 @@
+"""Writes a bench record: JSON (everything), a Markdown summary, PNG plots; ``latest.*`` copies."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def _best(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    return (result or {}).get("best")
+
+
+def fanout_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (server, transport, subscribers) with its best passing step."""
+    rows = []
+    fanout = record["results"].get("fanout", {})
+    grpc = record["results"].get("grpc", {})
+    entries = [(server, transport, n, result)
+               for server, transports in fanout.items()
+               for transport, by_n in transports.items()
+               for n, result in by_n.items()]
+    entries += [("broker", "grpc", n, result) for n, result in grpc.items()]
+    for server, transport, n, result in entries:
+        best = _best(result)
+        rows.append({"server": server, "transport": transport, "subscribers": int(n),
+                     "best": best, "error": result.get("error")})
+    baseline = {(r["server"], r["subscribers"]): r["best"] for r in rows if r["best"]}
+    for row in rows:
+        for name in ("starlette", "nats-server"):
+            other = baseline.get((name, row["subscribers"]))
+            mine = row["best"]
+            row[f"vs_{name}"] = (round(mine["delivered_per_second"] /
+                                       other["delivered_per_second"], 2)
+                                 if mine and other else None)
+    return rows
+
+
+def markdown(record: dict[str, Any]) -> str:
+    m = record["machine"]
+    lines = [
+        f"# Bench {record['date']} ({record['plan']} plan)",
+        "",
+        f"- commit `{record['commit']}`, command `{record['command']}`",
+        f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, Linux {m['kernel']}, "
+        f"Python {m['python']}; {m['pinning']}",
+        f"- a step passes with 0 lost and p99 <= 50 ms; each step publishes for "
+        f"{record['plan_detail']['seconds']} s with 100-byte payloads",
+        "",
+    ]
+    results = record["results"]
+    if "capacity" in results:
+        lines += [f"Load generator capacity (trivial server, SSE): "
+                  f"**{results['capacity']['sse_msgs_per_second']:,} msg/s**.", ""]
+    rows = fanout_rows(record)
+    if rows:
+        lines += ["## Fan-out: 1 topic, N subscribers (best sustained step)", "",
+                  "| server | transport | subscribers | publish msg/s | delivered msg/s | "
+                  "p50 ms | p99 ms | max ms | server CPU % | vs Starlette | vs nats-server |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in rows:
+            b = r["best"]
+            if b is None:
+                why = (r["error"] or "").strip().splitlines()[-1:] or [""]
+                lines.append(f"| {r['server']} | {r['transport']} | {r['subscribers']:,} | "
+                             f"no step passed {why[0][:120]} | | | | | | | |")
+                continue
+            lat = b["latency"]
+            ratio = [f"{r[k]}x" if r[k] else "" for k in ("vs_starlette", "vs_nats-server")]
+            lines.append(
+                f"| {r['server']} | {r['transport']} | {r['subscribers']:,} | {b['rate']:,.0f} | "
+                f"{b['delivered_per_second']:,} | {lat.get('p50_ms')} | {lat.get('p99_ms')} | "
+                f"{lat.get('max_ms')} | {b['server_cpu_percent']} | {ratio[0]} | {ratio[1]} |")
+        lines.append("")
+    if "idle" in results:
+        lines += ["## Idle connections", "", "| transport | connections | KiB per connection | "
+                  "broker CPU % (heartbeats included) |", "| --- | ---: | ---: | ---: |"]
+        for transport, by_n in results["idle"].items():
+            for n, r in by_n.items():
+                lines.append(f"| {transport} | {int(n):,} | {r['bytes_per_connection'] / 1024:.1f}"
+                             f" | {r['cpu_percent']} |")
+        lines.append("")
+    if "publish" in results:
+        lines += ["## Publish throughput (no subscribers)", "", "| path | msg/s |",
+                  "| --- | ---: |"]
+        for mode, r in results["publish"].items():
+            rate = r.get("stored_rate", r["rate"])
+            lines.append(f"| {mode} | {rate:,.0f} |")
+        lines.append("")
+    if "cluster" in results:
+        lines += ["## Cluster: SSE fan-out on 1 node vs 2 nodes (one NATS server)", "",
+                  "| nodes | publish msg/s | delivered msg/s | p99 ms | CPU % (all nodes) |",
+                  "| ---: | ---: | ---: | ---: | ---: |"]
+        for nodes, r in results["cluster"].items():
+            b = _best(r)
+            if b:
+                lines.append(f"| {nodes} | {b['rate']:,.0f} | {b['delivered_per_second']:,} | "
+                             f"{b['latency'].get('p99_ms')} | {b['server_cpu_percent']} |")
+            else:
+                lines.append(f"| {nodes} | no step passed | | | |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(record: dict[str, Any], stem: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rows = [r for r in fanout_rows(record) if r["best"]]
+    if rows:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        series: dict[str, list[tuple[int, float]]] = {}
+        for r in rows:
+            series.setdefault(f"{r['server']} {r['transport']}", []).append(
+                (r["subscribers"], r["best"]["delivered_per_second"]))
+        for name, points in sorted(series.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("subscribers (one topic)")
+        ax.set_ylabel("delivered msg/s (0 lost, p99 <= 50 ms)")
+        ax.set_title(f"Fan-out, one server core ({record['commit']})")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = stem.with_name(stem.name + "-fanout.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        labels = [f"{r['server']}\n{r['transport']} x{r['subscribers']}" for r in rows]
+        for key, color in (("p50_ms", "#2f6fed"), ("p99_ms", "#f0a020"), ("max_ms", "#c62828")):
+            ax.scatter(range(len(rows)), [r["best"]["latency"].get(key, 0) for r in rows],
+                       label=key.replace("_ms", ""), color=color)
+        ax.set_xticks(range(len(rows)), labels, fontsize=6, rotation=60)
+        ax.set_ylabel("publish -> delivery latency, ms")
+        ax.set_yscale("log")
+        ax.set_title("Latency at the best sustained rate")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = stem.with_name(stem.name + "-latency.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    idle = record["results"].get("idle")
+    if idle:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        names, values = [], []
+        for transport, by_n in idle.items():
+            for n, r in by_n.items():
+                names.append(f"{transport} x{int(n):,}")
+                values.append(r["bytes_per_connection"] / 1024)
+        ax.bar(names, values, color="#2f6fed")
+        ax.set_ylabel("broker RSS per idle connection, KiB")
+        ax.set_title("Idle connections")
+        fig.tight_layout()
+        path = stem.with_name(stem.name + "-idle.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write(record: dict[str, Any], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = record["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
+    stem = out / f"{stamp}-{record['plan']}"
+    json_path = stem.with_suffix(".json")
+    json_path.write_text(json.dumps(record, indent=1) + "\n")
+    md_path = stem.with_suffix(".md")
+    md_path.write_text(markdown(record) + "\n")
+    paths = [json_path, md_path, *plots(record, stem)]
+    for path in list(paths):
+        latest = out / path.name.replace(stem.name, f"latest-{record['plan']}")
+        shutil.copyfile(path, latest)
+        paths.append(latest)
+    return paths

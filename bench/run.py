@@ -1,0 +1,599 @@
+"""``broker bench``: scenarios against the broker and its baselines, in one run, on pinned cores.
+
+Every server under test runs on one core (``taskset -c 0``); the load generator and the
+publisher run on the other (``-c 1``). Each measurement step: the subscribers' counters are
+reset, the publisher sends ``rate x seconds`` messages at ``rate``, and the step ends when every
+subscriber has every message (or nothing arrived for ``--settle`` seconds). A step passes with
+0 lost and p99 <= the latency budget. Results: ``bench/results/<stamp>.json`` and ``.md``, PNG
+plots, and ``latest.*`` copies; see docs/performance.md for what each scenario means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+SERVER_CORE, LOAD_CORE = "0", "1"
+P99_BUDGET_MS = 50.0
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def pinned(core: str, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", core, *argv] if shutil.which("taskset") and os.cpu_count() else argv
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
+
+
+# -- servers under test ---------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int  # HTTP (broker, starlette), NATS client port (nats-server)
+    grpc_port: int = 0
+    ws_port: int = 0  # nats-server's WebSocket listener
+    extra: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def ps(self) -> psutil.Process:
+        return psutil.Process(self.process.pid)
+
+    def cpu_seconds(self) -> float:
+        times = self.ps.cpu_times()
+        return float(times.user + times.system)
+
+    def rss(self) -> int:
+        return int(self.ps.memory_info().rss)
+
+    def stop(self) -> None:
+        for proc in [self.process, *self.extra]:
+            proc.terminate()
+        for proc in [self.process, *self.extra]:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def start_broker(name: str = "broker", nats_url: str = "", stream: str = "") -> Target:
+    port, grpc_port = free_port(), free_port()
+    argv = [PYTHON, "-m", "broker", "serve", "--port", str(port), "--log-level", "warning",
+            "--grpc-listen", f"127.0.0.1:{grpc_port}", "--heartbeat-seconds", "15"]
+    if nats_url:
+        argv += ["--nats", nats_url, "--nats-stream", stream, "--nats-subject-prefix",
+                 stream.lower()]
+    process = subprocess.Popen(pinned(SERVER_CORE, argv), cwd=ROOT)
+    wait_port(port)
+    return Target(name, process, port, grpc_port=grpc_port)
+
+
+def start_starlette() -> Target:
+    port = free_port()
+    argv = [PYTHON, "-m", "uvicorn", "--factory", "bench.baselines:starlette_app", "--port",
+            str(port), "--log-level", "warning", "--no-access-log"]
+    process = subprocess.Popen(pinned(SERVER_CORE, argv), cwd=ROOT)
+    wait_port(port)
+    return Target("starlette", process, port)
+
+
+def nats_binary() -> str:
+    from broker.cluster import nats_server_binary
+
+    return nats_server_binary()
+
+
+def start_nats(name: str = "nats-server", jetstream: bool = False) -> Target:
+    port, ws_port = free_port(), free_port()
+    config = Path(tempfile.mkdtemp(prefix="bench-nats-")) / "nats.conf"
+    config.write_text(
+        f'listen: "127.0.0.1:{port}"\nwebsocket {{ listen: "127.0.0.1:{ws_port}"\n'
+        f"  no_tls: true }}\n"
+        + (f'jetstream {{ store_dir: "{config.parent}" }}\n' if jetstream else "")
+    )
+    process = subprocess.Popen(pinned(SERVER_CORE, [nats_binary(), "-c", str(config)]),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    wait_port(ws_port)
+    return Target(name, process, port, ws_port=ws_port)
+
+
+def start_trivial() -> Target:
+    port = free_port()
+    argv = [PYTHON, "-m", "bench.baselines", "trivial", "--port", str(port)]
+    process = subprocess.Popen(pinned(SERVER_CORE, argv), cwd=ROOT)
+    wait_port(port)
+    return Target("trivial", process, port)
+
+
+# -- load ---------------------------------------------------------------------------------
+
+
+class Subscribers:
+    """One load generator process holding ``n`` connections."""
+
+    def __init__(self, target: Target, transport: str, n: int, *, topic: str = "bench",
+                 sample_every: int = 10, path: str | None = None) -> None:
+        port = target.ws_port if transport == "nats-ws" else target.port
+        if path is None:
+            path = {"sse": f"/v1/sse?topic={topic}", "ndjson": f"/v1/ndjson?topic={topic}",
+                    "ws": "/v1/ws", "nats-ws": "/"}[transport]
+        argv = [PYTHON, "-m", "bench.loadgen", "--port", str(port), "--transport", transport,
+                "--path", path, "--connections", str(n), "--sample-every", str(sample_every),
+                "--ws-subscribe", topic, "--nats-subject", topic]
+        self.n = n
+        self.process = subprocess.Popen(pinned(LOAD_CORE, argv), cwd=ROOT, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        ready = self._answer()
+        if ready["ready"] != n:
+            self.close()
+            raise RuntimeError(f"{transport}: only {ready['ready']} of {n} connected: "
+                               f"{ready['errors']}")
+
+    def _answer(self) -> dict[str, Any]:
+        line = self.process.stdout.readline() if self.process.stdout else ""
+        if not line:
+            raise RuntimeError("the load generator exited")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def command(self, name: str) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(name + "\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            with suppress(BrokenPipeError, OSError):
+                assert self.process.stdin is not None
+                self.process.stdin.write("quit\n")
+                self.process.stdin.close()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def publish(target: Target, mode: str, count: int, rate: float, topic: str = "bench",
+            subject: str = "") -> dict[str, Any]:
+    port = {"grpc": target.grpc_port, "nats": target.port}.get(mode, target.port)
+    argv = [PYTHON, "-m", "bench.publisher", "--mode", mode, "--port", str(port),
+            "--count", str(count), "--rate", str(rate), "--topic", topic,
+            "--subject", subject or f"broker.t.{topic}"]
+    done = subprocess.run(pinned(LOAD_CORE, argv), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"publisher {mode}: {done.stderr[-800:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+@dataclass
+class Step:
+    rate: float
+    subscribers: int
+    published: int
+    received: int
+    lost: int
+    seconds: float
+    delivered_per_second: float
+    latency: dict[str, float]
+    server_cpu_percent: float
+    server_rss_mb: float
+
+    @property
+    def passed(self) -> bool:
+        return self.lost == 0 and self.latency.get("p99_ms", 1e9) <= P99_BUDGET_MS
+
+
+def step(target: Target, subs: Subscribers, rate: float, seconds: float, *, mode: str,
+         topic: str = "bench", subject: str = "", settle: float = 3.0) -> Step:
+    subs.command("reset")
+    cpu0, start = target.cpu_seconds(), time.monotonic()
+    count = max(1, int(rate * seconds))
+    sent = publish(target, mode, count, rate, topic, subject)
+    expected = sent["published"] * subs.n
+    last, last_change = -1, time.monotonic()
+    while True:
+        report = subs.command("report")
+        if report["received"] >= expected:
+            break
+        if report["received"] != last:
+            last, last_change = report["received"], time.monotonic()
+        elif time.monotonic() - last_change > settle:
+            break
+        time.sleep(0.05)
+    elapsed = time.monotonic() - start
+    cpu = target.cpu_seconds() - cpu0
+    return Step(
+        rate=rate, subscribers=subs.n, published=sent["published"],
+        received=report["received"], lost=max(0, expected - report["received"]),
+        seconds=round(elapsed, 3), delivered_per_second=round(report["received"] / elapsed),
+        latency=report["latency"], server_cpu_percent=round(100 * cpu / elapsed, 1),
+        server_rss_mb=round(target.rss() / 2**20, 1),
+    )
+
+
+def ramp(target: Target, subs: Subscribers, *, mode: str, start_rate: float, seconds: float,
+         factor: float, max_steps: int, label: str, **kw: Any) -> dict[str, Any]:
+    """Raise the publish rate until a step fails; the best passing step is the result."""
+    steps: list[Step] = []
+    rate = start_rate
+    for _ in range(max_steps):
+        result = step(target, subs, rate, seconds, mode=mode, **kw)
+        steps.append(result)
+        mark = "ok" if result.passed else "FAIL"
+        log(f"  {label}: {rate:,.0f} msg/s -> {result.delivered_per_second:,.0f} delivered/s, "
+            f"lost {result.lost}, p99 {result.latency.get('p99_ms')} ms, cpu "
+            f"{result.server_cpu_percent}% [{mark}]")
+        if not result.passed:
+            break
+        rate *= factor
+    best = max((s for s in steps if s.passed), key=lambda s: s.delivered_per_second,
+               default=None)
+    return {"best": best.__dict__ if best else None, "steps": [s.__dict__ for s in steps]}
+
+
+# -- scenarios ------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    seconds: float = 5.0
+    fanout_subscribers: tuple[int, ...] = (100, 1000, 10000)
+    transports: tuple[str, ...] = ("sse", "ndjson", "ws")
+    baselines: bool = True
+    idle_connections: tuple[int, ...] = (10000,)
+    publish_count: int = 50000
+    max_steps: int = 12
+    idle_seconds: float = 16.0
+
+
+def deliveries_start(n: int) -> float:
+    return max(10.0, 20000.0 / n)  # the first step: ~20k deliveries/s
+
+
+def scenario_capacity(plan: Plan) -> dict[str, Any]:
+    """How much the load generator absorbs: against the trivial server, no broker involved."""
+    target = start_trivial()
+    try:
+        subs = Subscribers(target, "sse", 100, sample_every=1_000_000)
+        subs.command("reset")
+        time.sleep(1.0)
+        start, first = time.monotonic(), subs.command("report")["received"]
+        time.sleep(plan.seconds)
+        got = subs.command("report")["received"] - first
+        rate = got / (time.monotonic() - start)
+        subs.close()
+        log(f"  load generator capacity: {rate:,.0f} msg/s (SSE, 100 connections)")
+        return {"sse_msgs_per_second": round(rate)}
+    finally:
+        target.stop()
+
+
+def scenario_fanout(plan: Plan) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    servers: list[tuple[str, Callable[[], Target], tuple[str, ...], str]] = [
+        ("broker", start_broker, plan.transports, "http-batch")]
+    if plan.baselines:
+        servers += [("starlette", start_starlette, ("sse",), "http-batch"),
+                    ("nats-server", start_nats, ("nats-ws",), "nats")]
+    for name, start, transports, mode in servers:
+        for transport in transports:
+            for n in plan.fanout_subscribers:
+                label = f"fan-out {name} {transport} x{n}"
+                log(label)
+                target = start()
+                try:
+                    subs = Subscribers(target, transport, n)
+                    result = ramp(target, subs, mode=mode, start_rate=deliveries_start(n),
+                                  seconds=plan.seconds, factor=1.6, max_steps=plan.max_steps,
+                                  label=label, subject="bench")
+                    subs.close()
+                except RuntimeError as exc:
+                    log(f"  {label}: {exc}")
+                    result = {"best": None, "steps": [], "error": str(exc)}
+                finally:
+                    target.stop()
+                out.setdefault(name, {}).setdefault(transport, {})[str(n)] = result
+    return out
+
+
+def scenario_grpc_fanout(plan: Plan) -> dict[str, Any]:
+    """gRPC subscribers (grpc.aio in the load generator process)."""
+    out: dict[str, Any] = {}
+    for n in plan.fanout_subscribers[:2]:
+        label = f"fan-out broker grpc x{n}"
+        log(label)
+        target = start_broker()
+        try:
+            subs = GrpcSubscribers(target, n)
+            out[str(n)] = ramp(target, subs, mode="http-batch",  # type: ignore[arg-type]
+                               start_rate=deliveries_start(n), seconds=plan.seconds, factor=1.6,
+                               max_steps=plan.max_steps, label=label)
+            subs.close()
+        finally:
+            target.stop()
+    return out
+
+
+class GrpcSubscribers(Subscribers):
+    def __init__(self, target: Target, n: int, topic: str = "bench") -> None:
+        argv = [PYTHON, "-m", "bench.grpcload", "--port", str(target.grpc_port),
+                "--connections", str(n), "--topic", topic]
+        self.n = n
+        self.process = subprocess.Popen(pinned(LOAD_CORE, argv), cwd=ROOT, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        ready = self._answer()
+        if ready["ready"] != n:
+            self.close()
+            raise RuntimeError(f"grpc: only {ready['ready']} of {n} subscribed")
+
+
+def scenario_idle(plan: Plan) -> dict[str, Any]:
+    """Idle connections: RSS per connection, and CPU with heartbeats going."""
+    out: dict[str, Any] = {}
+    for transport in ("sse", "ws"):
+        for n in plan.idle_connections:
+            label = f"idle broker {transport} x{n}"
+            target = start_broker()
+            try:
+                time.sleep(0.5)
+                base = target.rss()
+                subs = Subscribers(target, transport, n, sample_every=1_000_000)
+                time.sleep(1.0)
+                rss = target.rss()
+                cpu0, t0 = target.cpu_seconds(), time.monotonic()
+                time.sleep(plan.idle_seconds)  # 16 s: at least one heartbeat round (15 s)
+                cpu = 100 * (target.cpu_seconds() - cpu0) / (time.monotonic() - t0)
+                per = (rss - base) / n
+                open_ = subs.command("report")["open"]
+                subs.close()
+                out.setdefault(transport, {})[str(n)] = {
+                    "connections": open_, "rss_base_mb": round(base / 2**20, 1),
+                    "rss_mb": round(rss / 2**20, 1), "bytes_per_connection": round(per),
+                    "cpu_percent": round(cpu, 2)}
+                log(f"  {label}: {per / 1024:.1f} KiB per connection, cpu {cpu:.2f}%")
+            finally:
+                target.stop()
+    return out
+
+
+def scenario_publish(plan: Plan) -> dict[str, Any]:
+    """Ingest alone (no subscribers): how fast each publish path stores messages."""
+    out: dict[str, Any] = {}
+    counts = {"http": max(1000, plan.publish_count // 20), "http-batch": plan.publish_count,
+              "grpc": plan.publish_count // 5}
+    target = start_broker()
+    try:
+        for mode, count in counts.items():
+            result = publish(target, mode, count, 0)
+            out[mode] = result
+            log(f"  publish {mode}: {result['rate']:,.0f} msg/s")
+    finally:
+        target.stop()
+    nats = start_nats("nats-js", jetstream=True)
+    node = start_broker(nats_url=f"nats://127.0.0.1:{nats.port}", stream="BENCH")
+    try:
+        started = time.monotonic()
+        result = publish(nats, "nats", plan.publish_count, 0, subject="bench.bench")
+        # stored and followed: the node has the last one (a long-poll for it returns)
+        last = plan.publish_count
+        seen = wait_stored(node.port, last, timeout=120)
+        seconds = time.monotonic() - started
+        result["stored_rate"] = round(last / seconds, 1) if seen else 0
+        out["nats"] = result
+        log(f"  publish nats (core NATS to the stream's subject): {result['rate']:,.0f} msg/s "
+            f"sent, {result['stored_rate']:,.0f} msg/s stored and followed by a node")
+        batch = publish(node, "http-batch", plan.publish_count // 2, 0)
+        out["http-batch-cluster"] = batch
+        log(f"  publish http-batch through a cluster node: {batch['rate']:,.0f} msg/s")
+    finally:
+        node.stop()
+        nats.stop()
+    return out
+
+
+def wait_stored(port: int, seq: int, timeout: float) -> bool:
+    """Whether the node at ``port`` has event ``seq`` within ``timeout`` (a long-poll for it;
+    400 position-ahead while the log is not there yet)."""
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{port}/v1/poll?topic=bench&from_seq={seq - 1}&timeout=10"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as answer:
+                if json.load(answer)["events"]:
+                    return True
+        except urllib.error.HTTPError as error:
+            if error.code != 400:
+                raise
+            time.sleep(0.01)
+    return False
+
+
+def scenario_cluster(plan: Plan) -> dict[str, Any]:
+    """Fan-out of SSE subscribers on 1 node versus 2 nodes on one NATS server (publishing with
+    batches through node 1; the subscribers split over the nodes)."""
+    out: dict[str, Any] = {}
+    n = plan.fanout_subscribers[min(1, len(plan.fanout_subscribers) - 1)]
+    for nodes in (1, 2):
+        nats = start_nats("nats-js", jetstream=True)
+        stream = f"BENCH{nodes}"
+        targets = [start_broker(f"node{i}", f"nats://127.0.0.1:{nats.port}", stream)
+                   for i in range(nodes)]
+        label = f"cluster {nodes} node(s) sse x{n}"
+        log(label)
+        try:
+            fleets = [Subscribers(t, "sse", n // nodes) for t in targets]
+            group = _Group(fleets)
+            out[str(nodes)] = ramp(_Cpu(targets), group, mode="http-batch",  # type: ignore[arg-type]
+                                   start_rate=deliveries_start(n), seconds=plan.seconds,
+                                   factor=1.6, max_steps=plan.max_steps, label=label)
+            for fleet in fleets:
+                fleet.close()
+        finally:
+            for target in targets:
+                target.stop()
+            nats.stop()
+    return out
+
+
+class _Group:
+    """Several load generators as one."""
+
+    def __init__(self, fleets: list[Subscribers]) -> None:
+        self.fleets = fleets
+        self.n = sum(f.n for f in fleets)
+
+    def command(self, name: str) -> dict[str, Any]:
+        answers = [f.command(name) for f in self.fleets]
+        if name != "report":
+            return answers[0]
+        latencies = [a["latency"] for a in answers if a["latency"].get("count")]
+        worst = max(latencies, key=lambda s: s["p99_ms"], default={"count": 0})
+        return {"received": sum(a["received"] for a in answers), "latency": worst}
+
+
+class _Cpu:
+    """Several targets as one for CPU and RSS; publishes go to the first."""
+
+    def __init__(self, targets: list[Target]) -> None:
+        self.targets = targets
+        first = targets[0]
+        self.name, self.port, self.grpc_port, self.ws_port = (
+            "cluster", first.port, first.grpc_port, first.ws_port)
+
+    def cpu_seconds(self) -> float:
+        return sum(t.cpu_seconds() for t in self.targets)
+
+    def rss(self) -> int:
+        return sum(t.rss() for t in self.targets)
+
+
+SCENARIOS: dict[str, Callable[[Plan], dict[str, Any]]] = {
+    "capacity": scenario_capacity,
+    "fanout": scenario_fanout,
+    "grpc": scenario_grpc_fanout,
+    "idle": scenario_idle,
+    "publish": scenario_publish,
+    "cluster": scenario_cluster,
+}
+
+PLANS = {
+    "full": Plan(),
+    "quick": Plan(seconds=3.0, fanout_subscribers=(100, 1000), idle_connections=(2000,),
+                  publish_count=20000, max_steps=8),
+    "tiny": Plan(seconds=1.0, fanout_subscribers=(10,), idle_connections=(20,),
+                 publish_count=2000, max_steps=2, idle_seconds=1.0),
+}
+
+
+# -- the record -------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(
+        psutil.virtual_memory().total / 2**30, 1), "kernel": platform.release(),
+        "python": platform.python_version(),
+        "pinning": f"servers on core {SERVER_CORE}, load on core {LOAD_CORE} (taskset)"
+        if shutil.which("taskset") else "none (no taskset)"}
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@contextmanager
+def raised_fd_limit() -> Iterator[None]:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="broker bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--plan", choices=sorted(PLANS), default="quick")
+    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
+                        help="run only these (repeatable; default: all)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args(argv)
+    plan = PLANS[args.plan]
+    names = args.scenario or list(SCENARIOS)
+    record: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(), "command": " ".join(["broker bench", *(argv or sys.argv[1:])]),
+        "plan": args.plan, "machine": machine(), "plan_detail": plan.__dict__, "results": {}}
+    with raised_fd_limit():
+        for name in names:
+            log(f"== {name}")
+            started = time.monotonic()
+            record["results"][name] = SCENARIOS[name](plan)
+            log(f"   ({time.monotonic() - started:.0f} s)")
+    from bench.report import write
+
+    paths = write(record, Path(args.out))
+    for path in paths:
+        log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The bench runs end to end on its tiny plan (no number here is a benchmark: bench/ measures)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_tiny_plan_runs_every_scenario_and_writes_its_record(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "bench", "--plan", "tiny", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "latest-tiny.json").read_text())
+    assert record["commit"] and record["machine"]["cores"] and record["command"]
+    results = record["results"]
+    assert set(results) == {"capacity", "fanout", "grpc", "idle", "publish", "cluster"}
+    assert results["capacity"]["sse_msgs_per_second"] > 0
+    # every server and transport delivered everything of its first step (whether a step met
+    # the latency budget is a measurement, not something a test may assert)
+    firsts = [by_n["10"]["steps"][0] for transports in results["fanout"].values()
+              for by_n in transports.values()]
+    firsts.append(results["grpc"]["10"]["steps"][0])
+    assert len(firsts) == 3 + 1 + 1 + 1  # broker sse/ndjson/ws, starlette, nats-server, grpc
+    for first in firsts:
+        assert first["lost"] == 0 and first["received"] == first["published"] * 10, first
+        assert first["latency"]["count"] > 0
+    assert {"sse", "ws"} == set(results["idle"])
+    assert all(r["rate"] > 0 for r in results["publish"].values())
+    assert results["publish"]["nats"]["stored_rate"] > 0
+    assert all(r["steps"][0]["lost"] == 0 for r in results["cluster"].values())
+    summary = (tmp_path / "latest-tiny.md").read_text()
+    assert "| broker | sse | 10 |" in summary
+    for plot in ("fanout", "latency", "idle"):
+        assert (tmp_path / f"latest-tiny-{plot}.png").stat().st_size > 5000
+    assert "== fanout" in done.stderr  # progress is shown while it runs
