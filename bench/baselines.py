@@ -76,10 +76,11 @@ def starlette_app() -> Any:
     ])
 
 
-def trivial(port: int) -> None:
-    """An endless chunked SSE response per connection, pre-built, written in 64 KiB pieces."""
+def trivial(port: int, events_per_write: int) -> None:
+    """An endless chunked SSE response per connection, pre-built: ``events_per_write`` events
+    per chunk (0: 64 KiB of them), written as fast as each socket takes them."""
     event = b'id: 1\ndata: {"t":0.000000,"p":"' + b"x" * 70 + b'"}\n\n'
-    body = event * (65536 // len(event))
+    body = event * (events_per_write or 65536 // len(event))
     piece = b"%x\r\n" % len(body) + body + b"\r\n"
     head = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
             b"transfer-encoding: chunked\r\n\r\n")
@@ -127,8 +128,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("server", choices=["trivial"])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--events-per-write", type=int, default=0)
     args = parser.parse_args()
-    trivial(args.port)
+    trivial(args.port, args.events_per_write)
 
 
 if __name__ == "__main__":

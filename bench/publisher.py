@@ -33,18 +33,25 @@ def payload(size: int) -> bytes:
 
 
 def paced(count: int, rate: float, max_batch: int) -> Iterator[int]:
-    """Batch sizes: how many messages are due now, at ``rate`` per second (0: unpaced)."""
+    """Batch sizes: every TICK_SECONDS, how many messages fell due in it, at ``rate`` per second
+    (0: unpaced, ``max_batch`` at a time as fast as they are taken)."""
     start = time.monotonic()
     sent = 0
+    tick = 0
     while sent < count:
-        elapsed = time.monotonic() - start
-        due = count if rate <= 0 else min(count, int(elapsed * rate) + 1)
-        if due <= sent:
-            time.sleep(TICK_SECONDS)
-            continue
-        n = min(due - sent, max_batch)
-        yield n
-        sent += n
+        if rate > 0:
+            tick += 1
+            wake = start + tick * TICK_SECONDS
+            delay = wake - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            due = min(count, int((time.monotonic() - start) * rate))
+        else:
+            due = count
+        while sent < due:
+            n = min(due - sent, max_batch)
+            yield n
+            sent += n
 
 
 class Http:

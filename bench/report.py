@@ -51,27 +51,37 @@ def markdown(record: dict[str, Any]) -> str:
     ]
     results = record["results"]
     if "capacity" in results:
-        lines += [f"Load generator capacity (trivial server, SSE): "
-                  f"**{results['capacity']['sse_msgs_per_second']:,} msg/s**.", ""]
+        cap = results["capacity"]
+        lines += ["Load generator capacity (against a trivial server, no broker): "
+                  f"**{cap['bulk']['msgs_per_second']:,} msg/s** in big writes on "
+                  f"{cap['bulk']['connections']} connections; "
+                  f"**{cap['one-event-writes']['msgs_per_second']:,} msg/s** with one event per "
+                  f"write on {cap['one-event-writes']['connections']:,} connections "
+                  f"(its CPU {cap['one-event-writes']['load_cpu_percent']}%; the trivial "
+                  "server is Python too, so this is a floor). The `load CPU %` column says "
+                  "when a step was bound by the load generator rather than the server.", ""]
     rows = fanout_rows(record)
     if rows:
         lines += ["## Fan-out: 1 topic, N subscribers (best sustained step)", "",
                   "| server | transport | subscribers | publish msg/s | delivered msg/s | "
-                  "p50 ms | p99 ms | max ms | server CPU % | vs Starlette | vs nats-server |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "p50 ms | p99 ms | max ms | server CPU % | load CPU % | vs Starlette | "
+                  "vs nats-server |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+                  "---: |"]
         for r in rows:
             b = r["best"]
             if b is None:
                 why = (r["error"] or "").strip().splitlines()[-1:] or [""]
                 lines.append(f"| {r['server']} | {r['transport']} | {r['subscribers']:,} | "
-                             f"no step passed {why[0][:120]} | | | | | | | |")
+                             f"no step passed {why[0][:120]} | | | | | | | | |")
                 continue
             lat = b["latency"]
             ratio = [f"{r[k]}x" if r[k] else "" for k in ("vs_starlette", "vs_nats-server")]
             lines.append(
                 f"| {r['server']} | {r['transport']} | {r['subscribers']:,} | {b['rate']:,.0f} | "
                 f"{b['delivered_per_second']:,} | {lat.get('p50_ms')} | {lat.get('p99_ms')} | "
-                f"{lat.get('max_ms')} | {b['server_cpu_percent']} | {ratio[0]} | {ratio[1]} |")
+                f"{lat.get('max_ms')} | {b['server_cpu_percent']} | "
+                f"{b.get('load_cpu_percent', '')} | {ratio[0]} | {ratio[1]} |")
         lines.append("")
     if "idle" in results:
         lines += ["## Idle connections", "", "| transport | connections | KiB per connection | "

@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +40,22 @@ P99_BUDGET_MS = 50.0
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+CHILDREN: list[subprocess.Popen[Any]] = []  # every process the bench started, for cleanup
+
+
+def spawn(core: str, argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
+    process = subprocess.Popen(pinned(core, argv), cwd=ROOT, **kw)
+    CHILDREN.append(process)
+    return process
+
+
+def kill_children() -> None:
+    for process in CHILDREN:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def pinned(core: str, argv: list[str]) -> list[str]:
@@ -102,7 +119,7 @@ def start_broker(name: str = "broker", nats_url: str = "", stream: str = "") -> 
     if nats_url:
         argv += ["--nats", nats_url, "--nats-stream", stream, "--nats-subject-prefix",
                  stream.lower()]
-    process = subprocess.Popen(pinned(SERVER_CORE, argv), cwd=ROOT)
+    process = spawn(SERVER_CORE, argv)
     wait_port(port)
     return Target(name, process, port, grpc_port=grpc_port)
 
@@ -111,7 +128,7 @@ def start_starlette() -> Target:
     port = free_port()
     argv = [PYTHON, "-m", "uvicorn", "--factory", "bench.baselines:starlette_app", "--port",
             str(port), "--log-level", "warning", "--no-access-log"]
-    process = subprocess.Popen(pinned(SERVER_CORE, argv), cwd=ROOT)
+    process = spawn(SERVER_CORE, argv)
     wait_port(port)
     return Target("starlette", process, port)
 
@@ -130,17 +147,18 @@ def start_nats(name: str = "nats-server", jetstream: bool = False) -> Target:
         f"  no_tls: true }}\n"
         + (f'jetstream {{ store_dir: "{config.parent}" }}\n' if jetstream else "")
     )
-    process = subprocess.Popen(pinned(SERVER_CORE, [nats_binary(), "-c", str(config)]),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = spawn(SERVER_CORE, [nats_binary(), "-c", str(config)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port)
     wait_port(ws_port)
     return Target(name, process, port, ws_port=ws_port)
 
 
-def start_trivial() -> Target:
+def start_trivial(events_per_write: int = 0) -> Target:
     port = free_port()
-    argv = [PYTHON, "-m", "bench.baselines", "trivial", "--port", str(port)]
-    process = subprocess.Popen(pinned(SERVER_CORE, argv), cwd=ROOT)
+    argv = [PYTHON, "-m", "bench.baselines", "trivial", "--port", str(port),
+            "--events-per-write", str(events_per_write)]
+    process = spawn(SERVER_CORE, argv)
     wait_port(port)
     return Target("trivial", process, port)
 
@@ -161,8 +179,8 @@ class Subscribers:
                 "--path", path, "--connections", str(n), "--sample-every", str(sample_every),
                 "--ws-subscribe", topic, "--nats-subject", topic]
         self.n = n
-        self.process = subprocess.Popen(pinned(LOAD_CORE, argv), cwd=ROOT, text=True,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.process = spawn(LOAD_CORE, argv, text=True, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE)
         ready = self._answer()
         if ready["ready"] != n:
             self.close()
@@ -220,6 +238,7 @@ class Step:
     latency: dict[str, float]
     server_cpu_percent: float
     server_rss_mb: float
+    load_cpu_percent: float = 0.0  # the load generator's core: near 100 means it bounds this step
 
     @property
     def passed(self) -> bool:
@@ -229,6 +248,8 @@ class Step:
 def step(target: Target, subs: Subscribers, rate: float, seconds: float, *, mode: str,
          topic: str = "bench", subject: str = "", settle: float = 3.0) -> Step:
     subs.command("reset")
+    load = psutil.Process(subs.process.pid) if hasattr(subs, "process") else None
+    load0 = _cpu(load)
     cpu0, start = target.cpu_seconds(), time.monotonic()
     count = max(1, int(rate * seconds))
     sent = publish(target, mode, count, rate, topic, subject)
@@ -245,13 +266,22 @@ def step(target: Target, subs: Subscribers, rate: float, seconds: float, *, mode
         time.sleep(0.05)
     elapsed = time.monotonic() - start
     cpu = target.cpu_seconds() - cpu0
+    load_cpu = _cpu(load) - load0
     return Step(
         rate=rate, subscribers=subs.n, published=sent["published"],
         received=report["received"], lost=max(0, expected - report["received"]),
         seconds=round(elapsed, 3), delivered_per_second=round(report["received"] / elapsed),
         latency=report["latency"], server_cpu_percent=round(100 * cpu / elapsed, 1),
         server_rss_mb=round(target.rss() / 2**20, 1),
+        load_cpu_percent=round(100 * load_cpu / elapsed, 1),
     )
+
+
+def _cpu(process: psutil.Process | None) -> float:
+    if process is None:
+        return 0.0
+    times = process.cpu_times()
+    return float(times.user + times.system)
 
 
 def ramp(target: Target, subs: Subscribers, *, mode: str, start_rate: float, seconds: float,
@@ -265,7 +295,7 @@ def ramp(target: Target, subs: Subscribers, *, mode: str, start_rate: float, sec
         mark = "ok" if result.passed else "FAIL"
         log(f"  {label}: {rate:,.0f} msg/s -> {result.delivered_per_second:,.0f} delivered/s, "
             f"lost {result.lost}, p99 {result.latency.get('p99_ms')} ms, cpu "
-            f"{result.server_cpu_percent}% [{mark}]")
+            f"{result.server_cpu_percent}% (load {result.load_cpu_percent}%) [{mark}]")
         if not result.passed:
             break
         rate *= factor
@@ -294,21 +324,31 @@ def deliveries_start(n: int) -> float:
 
 
 def scenario_capacity(plan: Plan) -> dict[str, Any]:
-    """How much the load generator absorbs: against the trivial server, no broker involved."""
-    target = start_trivial()
-    try:
-        subs = Subscribers(target, "sse", 100, sample_every=1_000_000)
-        subs.command("reset")
-        time.sleep(1.0)
-        start, first = time.monotonic(), subs.command("report")["received"]
-        time.sleep(plan.seconds)
-        got = subs.command("report")["received"] - first
-        rate = got / (time.monotonic() - start)
-        subs.close()
-        log(f"  load generator capacity: {rate:,.0f} msg/s (SSE, 100 connections)")
-        return {"sse_msgs_per_second": round(rate)}
-    finally:
-        target.stop()
+    """How much the load generator absorbs, against the trivial server (no broker): big writes
+    on 100 connections (its byte rate), and one event per write on as many connections as the
+    largest fan-out (its rate of reads; the trivial server is Python too, so this is a floor)."""
+    out: dict[str, Any] = {}
+    n_small = max(plan.fanout_subscribers)
+    for label, per_write, n in (("bulk", 0, 100), ("one-event-writes", 1, n_small)):
+        target = start_trivial(per_write)
+        try:
+            subs = Subscribers(target, "sse", n, sample_every=1_000_000)
+            load = psutil.Process(subs.process.pid)
+            time.sleep(1.0)
+            start, first, cpu0 = time.monotonic(), subs.command("report")["received"], _cpu(load)
+            time.sleep(plan.seconds)
+            seconds = time.monotonic() - start
+            got = subs.command("report")["received"] - first
+            cpu = 100 * (_cpu(load) - cpu0) / seconds
+            subs.close()
+            out[label] = {"connections": n, "msgs_per_second": round(got / seconds),
+                          "load_cpu_percent": round(cpu, 1)}
+            log(f"  load generator, {label} x{n}: {got / seconds:,.0f} msg/s "
+                f"(its CPU {cpu:.0f}%)")
+        finally:
+            target.stop()
+    out["sse_msgs_per_second"] = out["bulk"]["msgs_per_second"]
+    return out
 
 
 def scenario_fanout(plan: Plan) -> dict[str, Any]:
@@ -362,8 +402,8 @@ class GrpcSubscribers(Subscribers):
         argv = [PYTHON, "-m", "bench.grpcload", "--port", str(target.grpc_port),
                 "--connections", str(n), "--topic", topic]
         self.n = n
-        self.process = subprocess.Popen(pinned(LOAD_CORE, argv), cwd=ROOT, text=True,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.process = spawn(LOAD_CORE, argv, text=True, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE)
         ready = self._answer()
         if ready["ready"] != n:
             self.close()
@@ -568,6 +608,25 @@ def raised_fd_limit() -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def cores_busy(seconds: float = 1.0) -> dict[str, float]:
+    """Each core's busy share over ``seconds``, from /proc/stat (another load skews results)."""
+    def sample() -> dict[str, tuple[int, int]]:
+        out = {}
+        with open("/proc/stat") as stat:
+            for line in stat:
+                if line.startswith("cpu") and line[3].isdigit():
+                    name, *values = line.split()
+                    ticks = [int(v) for v in values]
+                    out[name] = (sum(ticks), ticks[3] + ticks[4])  # total, idle + iowait
+        return out
+
+    a = sample()
+    time.sleep(seconds)
+    b = sample()
+    return {name: round(100 * (1 - (b[name][1] - a[name][1]) / max(1, b[name][0] - a[name][0])),
+                        1) for name in a}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="broker bench", description=__doc__.split("\n")[0])
     parser.add_argument("--plan", choices=sorted(PLANS), default="quick")
@@ -581,12 +640,20 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(), "command": " ".join(["broker bench", *(argv or sys.argv[1:])]),
         "plan": args.plan, "machine": machine(), "plan_detail": plan.__dict__, "results": {}}
-    with raised_fd_limit():
-        for name in names:
-            log(f"== {name}")
-            started = time.monotonic()
-            record["results"][name] = SCENARIOS[name](plan)
-            log(f"   ({time.monotonic() - started:.0f} s)")
+    busy = cores_busy()
+    record["machine"]["cores_busy_before_percent"] = busy
+    if any(b > 10 for b in busy.values()):
+        log(f"warning: cores already busy before the run: {busy} (results will be low)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        with raised_fd_limit():
+            for name in names:
+                log(f"== {name}")
+                started = time.monotonic()
+                record["results"][name] = SCENARIOS[name](plan)
+                log(f"   ({time.monotonic() - started:.0f} s)")
+    finally:
+        kill_children()  # nothing of the bench may outlive it (it would skew the next run)
     from bench.report import write
 
     paths = write(record, Path(args.out))

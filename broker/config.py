@@ -78,6 +78,10 @@ class Settings:
     # Subscriber streams (SSE, NDJSON, WebSocket) written straight to the socket; false: every
     # connection through hypercorn (the slow path, kept complete; see docs/performance.md).
     native_streams: bool = True
+    # Garbage collection: objects alive are frozen out of the collector's way this often (0: off,
+    # the interpreter's default behaviour), and a full collection runs this often.
+    gc_freeze_seconds: float = 1.0
+    gc_full_collect_seconds: float = 600.0
     log_level: str = "info"
     log_format: str = "json"  # or "text"
 
@@ -119,7 +123,7 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-_ZERO_ALLOWED = {"port", "retention_messages_per_topic"}  # 0: any port; no limit
+_ZERO_ALLOWED = {"port", "retention_messages_per_topic", "gc_freeze_seconds"}
 _FIELDS = frozenset(f.name for f in fields(Settings))
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}

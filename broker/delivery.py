@@ -233,6 +233,26 @@ class Outlet:
         sink = self._direct
         if sink is None or not self._parked or self._greetings or self.draining:
             return self._wake()
+        if len(self.subscriptions) == 1:  # SSE, NDJSON, most sockets: the short way
+            (sub,) = self.subscriptions.values()
+            if sub.state is not State.LIVE:
+                return self._wake()
+            items = sub.take()
+            if not items:
+                return None
+            first = items[0]
+            if len(items) == 1 and type(first) is Run and self.framing.joined:
+                frames = [first.joined(self.framing.fmt)]
+                delivered = len(first.events)
+            else:
+                frames = self.framing.render(sub, items)
+                delivered = sum(len(i.events) for i in items if isinstance(i, Run))
+            if not sink.write_nowait_many(frames):
+                self._greetings.extend(frames)  # the writer sends them first
+                self._wake()
+            self._last_write = trio.current_time()
+            self._count(sub, delivered)
+            return None
         subs = list(self.subscriptions.values())
         if any(sub.state is not State.LIVE for sub in subs):
             return self._wake()

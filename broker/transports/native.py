@@ -115,8 +115,7 @@ class NativeSink:
             sent = os.writev(self._fd, parts)
         except OSError:  # would block, or the peer is gone (the async write will say so)
             return False
-        total = sum(len(part) for part in parts)
-        if sent < total:
+        if sent < sum(map(len, parts)):
             self._pending = b"".join(parts)[sent:]
             self._flush.set()
         return True
@@ -134,8 +133,7 @@ class NativeSink:
             sent = os.writev(self._fd, parts)
         except OSError:
             return False
-        total = sum(len(part) for part in parts)
-        if sent < total:
+        if sent < sum(map(len, parts)):
             self._pending = b"".join(parts)[sent:]
             self._flush.set()
         return True

@@ -199,3 +199,14 @@ def test_retention_per_topic_may_be_zero_but_not_negative() -> None:
     )
     with pytest.raises(ConfigError, match="retention_messages_per_topic"):
         load_settings(environ={}, overrides={"retention_messages_per_topic": -1})
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("true", True), ("off", False), ("0", False)])
+def test_booleans_from_the_environment(raw: str, expected: bool) -> None:
+    settings = load_settings(environ={"BROKER_NATIVE_STREAMS": raw})
+    assert settings.native_streams is expected
+
+
+def test_a_boolean_that_is_not_one_is_refused() -> None:
+    with pytest.raises(ConfigError, match="native_streams: expected true or false"):
+        load_settings(environ={"BROKER_NATIVE_STREAMS": "maybe"})
