@@ -165,6 +165,27 @@ def start_trivial(events_per_write: int = 0) -> Target:
 
 # -- load ---------------------------------------------------------------------------------
 
+LOADGEN_C = ROOT / "bench" / "loadgen.c"
+LOADGEN_BIN = ROOT / "bench" / ".build" / "loadgen"
+
+
+def loadgen_argv() -> list[str]:
+    """The C load generator (built here with the system's cc: ~1 us per read, so it is never
+    what bounds a step), else the Python one (bench/loadgen.py: the same protocol)."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler:
+        fresh = LOADGEN_BIN.exists() and LOADGEN_BIN.stat().st_mtime >= LOADGEN_C.stat().st_mtime
+        if not fresh:
+            LOADGEN_BIN.parent.mkdir(exist_ok=True)
+            built = subprocess.run([compiler, "-O2", "-o", str(LOADGEN_BIN), str(LOADGEN_C)],
+                                   capture_output=True, text=True)
+            if built.returncode != 0:
+                log(f"warning: cannot build {LOADGEN_C.name}: {built.stderr[-500:]}")
+        if LOADGEN_BIN.exists():
+            return [str(LOADGEN_BIN)]
+    return [PYTHON, "-m", "bench.loadgen"]
+
+
 
 class Subscribers:
     """One load generator process holding ``n`` connections."""
@@ -175,7 +196,7 @@ class Subscribers:
         if path is None:
             path = {"sse": f"/v1/sse?topic={topic}", "ndjson": f"/v1/ndjson?topic={topic}",
                     "ws": "/v1/ws", "nats-ws": "/"}[transport]
-        argv = [PYTHON, "-m", "bench.loadgen", "--port", str(port), "--transport", transport,
+        argv = [*loadgen_argv(), "--port", str(port), "--transport", transport,
                 "--path", path, "--connections", str(n), "--sample-every", str(sample_every),
                 "--ws-subscribe", topic, "--nats-subject", topic]
         self.n = n
@@ -578,7 +599,8 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(
+    return {"cpu": cpu, "cores": os.cpu_count(), "loadgen": Path(loadgen_argv()[-1]).name,
+            "memory_gb": round(
         psutil.virtual_memory().total / 2**30, 1), "kernel": platform.release(),
         "python": platform.python_version(),
         "pinning": f"servers on core {SERVER_CORE}, load on core {LOAD_CORE} (taskset)"

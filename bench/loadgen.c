@@ -1,0 +1,396 @@
+/* The bench's subscriber fleet in C: the same job and control protocol as bench/loadgen.py
+ * (which documents them), at a fraction of the cost per read, so that the load generator is
+ * never what bounds a fan-out measurement. Built by bench/run.py with the system's cc.
+ *
+ *   loadgen --port P --transport sse|ndjson|ws|nats-ws --path PATH --connections N
+ *           [--sample-every K] [--ws-subscribe TOPIC] [--nats-subject SUBJ]
+ *
+ * stdin: "reset", "report", "quit" (one per line); stdout: one JSON object per line.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_SAMPLES 400000
+#define RECV_BYTES 262144
+
+enum { SSE, NDJSON, WS, NATS_WS };
+
+typedef struct {
+    int fd, ready, closed, sampled;
+    long count;
+    char head[8192];
+    int head_len;
+    /* HTTP chunked */
+    int chunked;
+    long chunk_left;
+    int chunk_crlf;
+    char chunk_line[32];
+    int chunk_line_len;
+    /* WebSocket */
+    unsigned char ws_hdr[14];
+    int ws_hdr_len;
+    long ws_left;
+    int ws_opcode;
+    /* marker matching across reads: how many bytes of MARKER are matched so far */
+    int match;
+    /* sampled: digits of the stamp being read */
+    int in_stamp;
+    char stamp[32];
+    int stamp_len;
+} conn_t;
+
+static const char MARKER[] = "{\"t\":";
+static int transport, n_conns, sample_every = 10, port;
+static char path[1024] = "/", ws_subscribe[256] = "bench", nats_subject[256] = "bench";
+static conn_t *conns;
+static double *samples;
+static long n_samples;
+static int failed;
+static char first_error[256];
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void fail(conn_t *c, const char *why) {
+    if (!c->ready) failed++;
+    if (!first_error[0]) snprintf(first_error, sizeof first_error, "%s", why);
+    if (!c->closed) {
+        c->closed = 1;
+        close(c->fd);
+    }
+}
+
+static void send_all(conn_t *c, const void *data, size_t len) {
+    const char *p = data;
+    while (len) {
+        ssize_t n = send(c->fd, p, len, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EAGAIN) { usleep(100); continue; }
+            fail(c, "send failed");
+            return;
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+}
+
+static size_t ws_frame(unsigned char *out, int opcode, const char *payload, size_t n) {
+    size_t h = 0;
+    out[h++] = 0x80 | opcode;
+    if (n < 126) out[h++] = 0x80 | n;
+    else { out[h++] = 0x80 | 126; out[h++] = n >> 8; out[h++] = n & 0xff; }
+    memset(out + h, 0, 4);  /* a zero mask */
+    h += 4;
+    memcpy(out + h, payload, n);
+    return h + n;
+}
+
+/* The application bytes: count markers, read stamps on sampled connections. */
+static void payload(conn_t *c, const char *p, size_t n, double t) {
+    for (size_t i = 0; i < n; i++) {
+        char ch = p[i];
+        if (c->in_stamp) {
+            if ((ch >= '0' && ch <= '9') || ch == '.') {
+                if (c->stamp_len < 30) c->stamp[c->stamp_len++] = ch;
+                continue;
+            }
+            c->stamp[c->stamp_len] = 0;
+            if (n_samples < MAX_SAMPLES) samples[n_samples++] = t - strtod(c->stamp, NULL);
+            c->in_stamp = 0;
+        }
+        if (ch == MARKER[c->match]) {
+            if (++c->match == 5) {
+                c->count++;
+                c->match = 0;
+                if (c->sampled) { c->in_stamp = 1; c->stamp_len = 0; }
+            }
+        } else {
+            c->match = (ch == MARKER[0]) ? 1 : 0;
+        }
+    }
+}
+
+/* Fast path for unsampled connections: count markers with memmem, keeping a partial match. */
+static void count_only(conn_t *c, const char *p, size_t n) {
+    if (c->match) {  /* finish a marker begun in the previous read, byte by byte */
+        size_t i = 0;
+        while (i < n && c->match) {
+            if (p[i] == MARKER[c->match]) { if (++c->match == 5) { c->count++; c->match = 0; } }
+            else c->match = (p[i] == MARKER[0]) ? 1 : 0;
+            i++;
+        }
+        p += i;
+        n -= i;
+    }
+    const char *end = p + n;
+    for (;;) {
+        const char *hit = memmem(p, (size_t)(end - p), MARKER, 5);
+        if (!hit) break;
+        c->count++;
+        p = hit + 5;
+    }
+    /* a marker cut by the end of this read: remember how much of it matched */
+    for (int k = 4; k >= 1; k--) {
+        if ((size_t)(end - p) >= (size_t)k && memcmp(end - k, MARKER, (size_t)k) == 0) {
+            c->match = k;
+            break;
+        }
+    }
+}
+
+static void app_bytes(conn_t *c, const char *p, size_t n, double t) {
+    if (!n) return;
+    if (c->sampled) payload(c, p, n, t);
+    else count_only(c, p, n);
+}
+
+static void ws_bytes(conn_t *c, const char *p, size_t n, double t) {
+    size_t i = 0;
+    while (i < n) {
+        if (c->ws_left > 0) {
+            size_t take = (size_t)c->ws_left < n - i ? (size_t)c->ws_left : n - i;
+            if (c->ws_opcode < 8) app_bytes(c, p + i, take, t);
+            else if (c->ws_opcode == 8) { fail(c, "websocket closed by the server"); return; }
+            i += take;
+            c->ws_left -= (long)take;
+            continue;
+        }
+        c->ws_hdr[c->ws_hdr_len++] = (unsigned char)p[i++];
+        if (c->ws_hdr_len < 2) continue;
+        int len7 = c->ws_hdr[1] & 0x7f;
+        int need = len7 < 126 ? 2 : (len7 == 126 ? 4 : 10);
+        if (c->ws_hdr_len < need) continue;
+        long length = len7;
+        if (len7 == 126) length = (c->ws_hdr[2] << 8) | c->ws_hdr[3];
+        else if (len7 == 127) {
+            length = 0;
+            for (int k = 2; k < 10; k++) length = (length << 8) | c->ws_hdr[k];
+        }
+        c->ws_opcode = c->ws_hdr[0] & 0x0f;
+        c->ws_hdr_len = 0;
+        c->ws_left = length;
+        if (c->ws_opcode == 8) { fail(c, "websocket closed by the server"); return; }
+    }
+    if (transport == NATS_WS && memmem(p, n, "PING\r\n", 6)) {
+        unsigned char frame[64];
+        send_all(c, frame, ws_frame(frame, 1, "PONG\r\n", 6));
+    }
+}
+
+static void body_bytes(conn_t *c, const char *p, size_t n, double t) {
+    if (transport == WS || transport == NATS_WS) { ws_bytes(c, p, n, t); return; }
+    if (!c->chunked) { app_bytes(c, p, n, t); return; }
+    size_t i = 0;
+    while (i < n) {
+        if (c->chunk_left > 0) {
+            size_t take = (size_t)c->chunk_left < n - i ? (size_t)c->chunk_left : n - i;
+            app_bytes(c, p + i, take, t);
+            i += take;
+            c->chunk_left -= (long)take;
+            if (!c->chunk_left) c->chunk_crlf = 2;
+        } else if (c->chunk_crlf) {
+            i++;
+            c->chunk_crlf--;
+        } else {
+            char ch = p[i++];
+            if (ch == '\n') {
+                c->chunk_line[c->chunk_line_len] = 0;
+                c->chunk_left = strtol(c->chunk_line, NULL, 16);
+                c->chunk_line_len = 0;
+                if (!c->chunk_left) c->chunk_crlf = 2;
+            } else if (ch != '\r' && c->chunk_line_len < 30) {
+                c->chunk_line[c->chunk_line_len++] = ch;
+            }
+        }
+    }
+}
+
+static void readable(conn_t *c, char *buf) {
+    ssize_t n = recv(c->fd, buf, RECV_BYTES, 0);
+    if (n < 0) { if (errno != EAGAIN) fail(c, "recv failed"); return; }
+    if (n == 0) { fail(c, "closed by the server"); return; }
+    double t = c->sampled ? now() : 0;
+    if (c->ready) { body_bytes(c, buf, (size_t)n, t); return; }
+    size_t room = sizeof c->head - 1 - (size_t)c->head_len;
+    size_t take = (size_t)n < room ? (size_t)n : room;
+    memcpy(c->head + c->head_len, buf, take);
+    c->head_len += (int)take;
+    c->head[c->head_len] = 0;
+    char *end = strstr(c->head, "\r\n\r\n");
+    if (!end) return;
+    if (strncmp(c->head + 9, "200", 3) != 0 && strncmp(c->head + 9, "101", 3) != 0) {
+        char why[128];
+        snprintf(why, sizeof why, "status %.3s", c->head + 9);
+        fail(c, why);
+        return;
+    }
+    c->ready = 1;
+    c->chunked = strcasestr(c->head, "transfer-encoding: chunked") != NULL;
+    size_t head_bytes = (size_t)(end + 4 - c->head);
+    /* what came after the head, in this read */
+    size_t consumed_before = (size_t)c->head_len - take;
+    size_t rest_from = head_bytes > consumed_before ? head_bytes - consumed_before : 0;
+    if (transport == WS) {
+        char op[512];
+        unsigned char frame[600];
+        int len = snprintf(op, sizeof op, "{\"op\":\"subscribe\",\"topics\":[\"%s\"]}", ws_subscribe);
+        send_all(c, frame, ws_frame(frame, 1, op, (size_t)len));
+    } else if (transport == NATS_WS) {
+        char op[512];
+        unsigned char frame[600];
+        int len = snprintf(op, sizeof op,
+                           "CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1}\r\n"
+                           "SUB %s %d\r\n", nats_subject, (int)(c - conns) + 1);
+        send_all(c, frame, ws_frame(frame, 1, op, (size_t)len));
+    }
+    if ((size_t)n > rest_from) body_bytes(c, buf + rest_from, (size_t)n - rest_from, t);
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static void report(void) {
+    long total = 0, mn = -1, mx = 0;
+    int open = 0, closed = 0;
+    for (int i = 0; i < n_conns; i++) {
+        total += conns[i].count;
+        if (mn < 0 || conns[i].count < mn) mn = conns[i].count;
+        if (conns[i].count > mx) mx = conns[i].count;
+        if (conns[i].closed) closed++;
+        else if (conns[i].ready) open++;
+    }
+    printf("{\"received\": %ld, \"per_connection_min\": %ld, \"per_connection_max\": %ld, "
+           "\"open\": %d, \"closed\": %d, \"latency\": ", total, mn < 0 ? 0 : mn, mx, open, closed);
+    if (!n_samples) printf("{\"count\": 0}");
+    else {
+        double *sorted = malloc(sizeof(double) * (size_t)n_samples);
+        memcpy(sorted, samples, sizeof(double) * (size_t)n_samples);
+        qsort(sorted, (size_t)n_samples, sizeof(double), cmp_double);
+        long last = n_samples - 1, i50 = n_samples / 2, i99 = (long)(0.99 * n_samples);
+        if (i99 > last) i99 = last;
+        printf("{\"count\": %ld, \"p50_ms\": %.3f, \"p99_ms\": %.3f, \"max_ms\": %.3f}", n_samples,
+               sorted[i50] * 1000, sorted[i99] * 1000, sorted[last] * 1000);
+        free(sorted);
+    }
+    printf(", \"errors\": [");
+    if (first_error[0]) printf("\"%s\"", first_error);
+    printf("]}\n");
+    fflush(stdout);
+}
+
+int main(int argc, char **argv) {
+    const char *tname = "sse";
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--port")) port = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--transport")) tname = argv[i + 1];
+        else if (!strcmp(argv[i], "--path")) snprintf(path, sizeof path, "%s", argv[i + 1]);
+        else if (!strcmp(argv[i], "--connections")) n_conns = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--sample-every")) sample_every = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--ws-subscribe"))
+            snprintf(ws_subscribe, sizeof ws_subscribe, "%s", argv[i + 1]);
+        else if (!strcmp(argv[i], "--nats-subject"))
+            snprintf(nats_subject, sizeof nats_subject, "%s", argv[i + 1]);
+    }
+    transport = !strcmp(tname, "ndjson") ? NDJSON : !strcmp(tname, "ws") ? WS
+              : !strcmp(tname, "nats-ws") ? NATS_WS : SSE;
+    struct rlimit rl;
+    getrlimit(RLIMIT_NOFILE, &rl);
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+    conns = calloc((size_t)n_conns, sizeof(conn_t));
+    samples = malloc(sizeof(double) * MAX_SAMPLES);
+    char *buf = malloc(RECV_BYTES);
+    int ep = epoll_create1(0);
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+    char request[2048];
+    const char *accept = transport == NDJSON ? "application/x-ndjson" : "text/event-stream";
+    int rlen;
+    if (transport == SSE || transport == NDJSON)
+        rlen = snprintf(request, sizeof request, "GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                        "Accept: %s\r\nUser-Agent: broker-bench-c\r\n\r\n", path, port, accept);
+    else
+        rlen = snprintf(request, sizeof request, "GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                        "%s\r\n", path, port,
+                        transport == WS ? "Sec-WebSocket-Protocol: broker.v1.json\r\n" : "");
+    struct epoll_event events[4096];
+    /* connect in batches; each waits for its response head */
+    for (int start = 0; start < n_conns; start += 256) {
+        int stop = start + 256 < n_conns ? start + 256 : n_conns;
+        for (int i = start; i < stop; i++) {
+            conn_t *c = &conns[i];
+            c->sampled = sample_every > 0 && i % sample_every == 0;
+            c->fd = socket(AF_INET, SOCK_STREAM, 0);
+            int one = 1;
+            setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            if (connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0) { fail(c, "connect failed"); continue; }
+            send_all(c, request, (size_t)rlen);
+            fcntl(c->fd, F_SETFL, O_NONBLOCK);
+            struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
+            epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev);
+        }
+        double deadline = now() + 30;
+        for (;;) {
+            int waiting = 0;
+            for (int i = start; i < stop; i++) waiting += !conns[i].ready && !conns[i].closed;
+            if (!waiting || now() > deadline) break;
+            int k = epoll_wait(ep, events, 4096, 50);
+            for (int j = 0; j < k; j++) readable(&conns[events[j].data.u32], buf);
+        }
+    }
+    int ready = 0;
+    for (int i = 0; i < n_conns; i++) ready += conns[i].ready && !conns[i].closed;
+    printf("{\"ready\": %d, \"failed\": %d, \"errors\": [%s%s%s]}\n", ready, n_conns - ready,
+           first_error[0] ? "\"" : "", first_error, first_error[0] ? "\"" : "");
+    fflush(stdout);
+    fcntl(0, F_SETFL, O_NONBLOCK);
+    struct epoll_event sev = {.events = EPOLLIN, .data.u32 = UINT32_MAX};
+    epoll_ctl(ep, EPOLL_CTL_ADD, 0, &sev);
+    char line[256];
+    int line_len = 0;
+    for (;;) {
+        int k = epoll_wait(ep, events, 4096, 1000);
+        for (int j = 0; j < k; j++) {
+            if (events[j].data.u32 != UINT32_MAX) {
+                conn_t *c = &conns[events[j].data.u32];
+                if (!c->closed) readable(c, buf);
+                continue;
+            }
+            char in[256];
+            ssize_t n = read(0, in, sizeof in);
+            if (n == 0) return 0;
+            for (ssize_t q = 0; q < n; q++) {
+                if (in[q] != '\n') { if (line_len < 255) line[line_len++] = in[q]; continue; }
+                line[line_len] = 0;
+                line_len = 0;
+                if (!strcmp(line, "reset")) {
+                    for (int i = 0; i < n_conns; i++) conns[i].count = 0;
+                    n_samples = 0;
+                    printf("{\"ok\": true}\n");
+                    fflush(stdout);
+                } else if (!strcmp(line, "report")) report();
+                else if (!strcmp(line, "quit")) return 0;
+            }
+        }
+    }
+}
