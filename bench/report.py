@@ -131,6 +131,7 @@ def plots(record: dict[str, Any], stem: Path) -> list[Path]:
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel("subscribers (one topic)")
         ax.set_ylabel("delivered msg/s (0 lost, p99 <= 50 ms)")
         ax.set_title(f"Fan-out, one server core ({record['commit']})")

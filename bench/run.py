@@ -310,6 +310,7 @@ def ramp(target: Target, subs: Subscribers, *, mode: str, start_rate: float, sec
     """Raise the publish rate until a step fails; the best passing step is the result."""
     steps: list[Step] = []
     rate = start_rate
+    downward = 0  # when the first rate fails, halve it (a few times) to find one that holds
     for _ in range(max_steps):
         result = step(target, subs, rate, seconds, mode=mode, **kw)
         steps.append(result)
@@ -318,7 +319,13 @@ def ramp(target: Target, subs: Subscribers, *, mode: str, start_rate: float, sec
             f"lost {result.lost}, p99 {result.latency.get('p99_ms')} ms, cpu "
             f"{result.server_cpu_percent}% (load {result.load_cpu_percent}%) [{mark}]")
         if not result.passed:
-            break
+            if any(s.passed for s in steps) or downward >= 3 or rate / 2 < 1:
+                break
+            downward += 1
+            rate /= 2
+            continue
+        if downward:
+            break  # found the rate that holds below the one that did not
         rate *= factor
     best = max((s for s in steps if s.passed), key=lambda s: s.delivered_per_second,
                default=None)
