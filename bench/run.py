@@ -196,16 +196,19 @@ class Subscribers:
         if path is None:
             path = {"sse": f"/v1/sse?topic={topic}", "ndjson": f"/v1/ndjson?topic={topic}",
                     "ws": "/v1/ws", "nats-ws": "/"}[transport]
-        argv = [*loadgen_argv(), "--port", str(port), "--transport", transport,
-                "--path", path, "--connections", str(n), "--sample-every", str(sample_every),
-                "--ws-subscribe", topic, "--nats-subject", topic]
+        self._launch(transport, n, [
+            *loadgen_argv(), "--port", str(port), "--transport", transport, "--path", path,
+            "--connections", str(n), "--sample-every", str(sample_every),
+            "--ws-subscribe", topic, "--nats-subject", topic])
+
+    def _launch(self, what: str, n: int, argv: list[str]) -> None:
         self.n = n
         self.process = spawn(LOAD_CORE, argv, text=True, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE)
         ready = self._answer()
         if ready["ready"] != n:
             self.close()
-            raise RuntimeError(f"{transport}: only {ready['ready']} of {n} connected: "
+            raise RuntimeError(f"{what}: only {ready['ready']} of {n} connected: "
                                f"{ready['errors']}")
 
     def _answer(self) -> dict[str, Any]:
@@ -427,15 +430,9 @@ def scenario_grpc_fanout(plan: Plan) -> dict[str, Any]:
 
 class GrpcSubscribers(Subscribers):
     def __init__(self, target: Target, n: int, topic: str = "bench") -> None:
-        argv = [PYTHON, "-m", "bench.grpcload", "--port", str(target.grpc_port),
-                "--connections", str(n), "--topic", topic]
-        self.n = n
-        self.process = spawn(LOAD_CORE, argv, text=True, stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE)
-        ready = self._answer()
-        if ready["ready"] != n:
-            self.close()
-            raise RuntimeError(f"grpc: only {ready['ready']} of {n} subscribed")
+        self._launch("grpc", n, [PYTHON, "-m", "bench.grpcload", "--port",
+                                 str(target.grpc_port), "--connections", str(n),
+                                 "--topic", topic])
 
 
 def scenario_idle(plan: Plan) -> dict[str, Any]:

@@ -78,6 +78,10 @@ def chunk(data: bytes) -> list[bytes]:
     return [b"%x\r\n" % len(data), data, b"\r\n"]
 
 
+def _identity(data: bytes) -> list[bytes]:
+    return [data]
+
+
 def ws_text(data: bytes) -> list[bytes]:
     return [_ws_head(0x81, len(data)), data]
 
@@ -237,7 +241,8 @@ def _scope(stream: trio.SocketStream, request: h11.Request, kind: str) -> Scope:
 
 async def _serve_http(stream: trio.SocketStream, request: h11.Request, app: ASGIApp) -> None:
     scope = _scope(stream, request, "http")
-    sink = NativeSink(stream, chunk)
+    chunked = request.http_version != b"1.0"  # an HTTP/1.0 body ends with the connection
+    sink = NativeSink(stream, chunk if chunked else _identity)
     scope["extensions"]["broker.native"] = sink
     head_only = request.method == b"HEAD"
     asked = False
@@ -257,12 +262,15 @@ async def _serve_http(stream: trio.SocketStream, request: h11.Request, app: ASGI
             status = message["status"]
             lines = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b""))]
             lines += [b"%s: %s" % (name, value) for name, value in message.get("headers", ())]
-            lines += [b"transfer-encoding: chunked", b"connection: close", b"", b""]
+            if chunked:
+                lines.append(b"transfer-encoding: chunked")
+            lines += [b"connection: close", b"", b""]
             await sink.write_raw(b"\r\n".join(lines))
         elif message["type"] == "http.response.body" and not head_only:
             body = message.get("body", b"")
-            end = b"" if message.get("more_body", False) else b"0\r\n\r\n"
-            await sink.write_raw((b"".join(chunk(body)) if body else b"") + end)
+            last = not message.get("more_body", False)
+            data = b"".join(sink.frame(body)) if body else b""
+            await sink.write_raw(data + (b"0\r\n\r\n" if last and chunked else b""))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sink.run_flusher)
