@@ -29,7 +29,7 @@
 enum { SSE, NDJSON, WS, NATS_WS };
 
 typedef struct {
-    int fd, ready, closed, sampled;
+    int fd, ready, closed, sampled, paused;
     long count;
     char head[8192];
     int head_len;
@@ -268,10 +268,14 @@ static int cmp_double(const void *a, const void *b) {
 }
 
 static void report(void) {
-    long total = 0, mn = -1, mx = 0;
+    long total = 0, mn = -1, mx = 0, paused_total = 0, paused_min = -1;
     int open = 0, closed = 0;
     for (int i = 0; i < n_conns; i++) {
         total += conns[i].count;
+        if (conns[i].paused) {
+            paused_total += conns[i].count;
+            if (paused_min < 0 || conns[i].count < paused_min) paused_min = conns[i].count;
+        }
         if (mn < 0 || conns[i].count < mn) mn = conns[i].count;
         if (conns[i].count > mx) mx = conns[i].count;
         if (conns[i].closed) closed++;
@@ -290,6 +294,8 @@ static void report(void) {
                sorted[i50] * 1000, sorted[i99] * 1000, sorted[last] * 1000);
         free(sorted);
     }
+    printf(", \"paused_received\": %ld, \"paused_min\": %ld", paused_total,
+           paused_min < 0 ? 0 : paused_min);
     printf(", \"errors\": [");
     if (first_error[0]) printf("\"%s\"", first_error);
     printf("]}\n");
@@ -389,6 +395,28 @@ int main(int argc, char **argv) {
                     printf("{\"ok\": true}\n");
                     fflush(stdout);
                 } else if (!strcmp(line, "report")) report();
+                else if (!strncmp(line, "pause ", 6)) {
+                    /* stop reading every k-th connection (not the sampled ones): a slow reader */
+                    int k = atoi(line + 6), paused = 0;
+                    for (int i = 0; k > 0 && i < n_conns; i++) {
+                        conn_t *c = &conns[i];
+                        if (i % k != k / 2 || c->closed || c->sampled) continue;
+                        epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+                        c->paused = 1;
+                        paused++;
+                    }
+                    printf("{\"paused\": %d}\n", paused);
+                    fflush(stdout);
+                } else if (!strcmp(line, "resume")) {
+                    for (int i = 0; i < n_conns; i++) {
+                        conn_t *c = &conns[i];
+                        if (!c->paused || c->closed) continue;
+                        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
+                        epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev);
+                    }
+                    printf("{\"ok\": true}\n");
+                    fflush(stdout);
+                }
                 else if (!strcmp(line, "quit")) return 0;
             }
         }

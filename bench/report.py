@@ -98,6 +98,18 @@ def markdown(record: dict[str, Any]) -> str:
             rate = r.get("stored_rate", r["rate"])
             lines.append(f"| {mode} | {rate:,.0f} |")
         lines.append("")
+    slow = results.get("slow")
+    if slow and "error" not in slow:
+        lines += ["## Slow readers", "",
+                  f"{slow['paused']} of {slow['subscribers']} SSE subscribers stop reading while "
+                  f"{slow['published']:,} messages are published at {slow['rate']:,.0f} msg/s.",
+                  "", "| the others' p99, all reading | while some stop | the others lost | "
+                  "broker RSS before | while stopped | behind at resume | catch-up msg/s | "
+                  "all received |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+                  f"| {slow['all_reading_p99_ms']} ms | {slow['others_p99_ms']} ms | "
+                  f"{slow['others_lost']} | {slow['rss_mb_before']} MB | "
+                  f"{slow['rss_mb_while_stopped']} MB | {slow['behind_when_resumed']:,} | "
+                  f"{slow['catchup_msgs_per_second']:,} | {slow['all_received']} |", ""]
     if "cluster" in results:
         lines += ["## Cluster: SSE fan-out on 1 node vs 2 nodes (one NATS server)", "",
                   "| nodes | publish msg/s | delivered msg/s | p99 ms | CPU % (all nodes) |",
@@ -187,8 +199,9 @@ def write(record: dict[str, Any], out: Path) -> list[Path]:
     md_path = stem.with_suffix(".md")
     md_path.write_text(markdown(record) + "\n")
     paths = [json_path, md_path, *plots(record, stem)]
+    partial = "" if record.get("complete", True) else "-partial"
     for path in list(paths):
-        latest = out / path.name.replace(stem.name, f"latest-{record['plan']}")
+        latest = out / path.name.replace(stem.name, f"latest-{record['plan']}{partial}")
         shutil.copyfile(path, latest)
         paths.append(latest)
     return paths

@@ -348,6 +348,8 @@ class Plan:
     publish_count: int = 50000
     max_steps: int = 12
     idle_seconds: float = 16.0
+    slow_subscribers: int = 100
+    slow_rate: float = 5000.0  # 10 s of it overflows a stopped reader's buffer (10,000 events)
 
 
 def deliveries_start(n: int) -> float:
@@ -575,6 +577,63 @@ class _Cpu:
         return sum(t.rss() for t in self.targets)
 
 
+def scenario_slow(plan: Plan) -> dict[str, Any]:
+    """Slow readers: a tenth of the SSE subscribers stop reading while the publisher goes on.
+    The others' latency is compared with a run where everyone reads; the broker's memory is
+    read while they are stopped; then they read again, and the time until they have every
+    message gives the catch-up rate (from the broker's buffers, its log, and the kernel's)."""
+    n, rate = plan.slow_subscribers, plan.slow_rate
+    count = int(rate * plan.seconds * 2)
+    target = start_broker()
+    try:
+        subs = Subscribers(target, "sse", n)
+        if Path(loadgen_argv()[-1]).name != "loadgen":
+            return {"error": "needs the C load generator (pause/resume)"}
+        baseline = step(target, subs, rate, plan.seconds * 2, mode="http-batch")
+        subs.command("reset")
+        paused = subs.command("pause 10")["paused"]
+        rss_before = target.rss()
+        sent = publish(target, "http-batch", count, rate)["published"]
+        active = n - paused
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            during = subs.command("report")
+            if during["received"] - during["paused_received"] >= sent * active:
+                break
+            time.sleep(0.05)
+        rss_paused = target.rss()
+        behind = sent * paused - during["paused_received"]
+        started = time.monotonic()
+        subs.command("resume")
+        deadline = started + 300
+        while time.monotonic() < deadline:
+            after = subs.command("report")
+            if after["received"] >= sent * n:
+                break
+            time.sleep(0.02)
+        seconds = time.monotonic() - started
+        subs.close()
+        result = {
+            "subscribers": n, "paused": paused, "rate": rate, "published": sent,
+            "all_reading_p99_ms": baseline.latency.get("p99_ms"),
+            "others_p99_ms": during["latency"].get("p99_ms"),
+            "others_lost": max(0, sent * active - (during["received"] -
+                                                    during["paused_received"])),
+            "rss_mb_before": round(rss_before / 2**20, 1),
+            "rss_mb_while_stopped": round(rss_paused / 2**20, 1),
+            "behind_when_resumed": behind, "catchup_seconds": round(seconds, 3),
+            "catchup_msgs_per_second": round(behind / seconds) if seconds else 0,
+            "all_received": after["received"] >= sent * n,
+        }
+        log(f"  slow readers: {paused} of {n} stopped; the others' p99 "
+            f"{result['all_reading_p99_ms']} -> {result['others_p99_ms']} ms; RSS "
+            f"{result['rss_mb_before']} -> {result['rss_mb_while_stopped']} MB; caught up "
+            f"{behind:,} messages at {result['catchup_msgs_per_second']:,} msg/s")
+        return result
+    finally:
+        target.stop()
+
+
 SCENARIOS: dict[str, Callable[[Plan], dict[str, Any]]] = {
     "capacity": scenario_capacity,
     "fanout": scenario_fanout,
@@ -582,6 +641,7 @@ SCENARIOS: dict[str, Callable[[Plan], dict[str, Any]]] = {
     "idle": scenario_idle,
     "publish": scenario_publish,
     "cluster": scenario_cluster,
+    "slow": scenario_slow,
 }
 
 PLANS = {
@@ -589,7 +649,8 @@ PLANS = {
     "quick": Plan(seconds=3.0, fanout_subscribers=(100, 1000), idle_connections=(2000,),
                   publish_count=20000, max_steps=8),
     "tiny": Plan(seconds=1.0, fanout_subscribers=(10,), idle_connections=(20,),
-                 publish_count=2000, max_steps=2, idle_seconds=1.0),
+                 publish_count=2000, max_steps=2, idle_seconds=1.0, slow_subscribers=20,
+                 slow_rate=500.0),
 }
 
 
@@ -662,10 +723,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = PLANS[args.plan]
     names = args.scenario or list(SCENARIOS)
+    complete = set(names) == set(SCENARIOS)
     record: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(), "command": " ".join(["broker bench", *(argv or sys.argv[1:])]),
-        "plan": args.plan, "machine": machine(), "plan_detail": plan.__dict__, "results": {}}
+        "plan": args.plan, "complete": complete, "machine": machine(),
+        "plan_detail": plan.__dict__, "results": {}}
     busy = cores_busy()
     record["machine"]["cores_busy_before_percent"] = busy
     if any(b > 10 for b in busy.values()):

@@ -19,7 +19,7 @@ def test_the_tiny_plan_runs_every_scenario_and_writes_its_record(tmp_path: Path)
     record = json.loads((tmp_path / "latest-tiny.json").read_text())
     assert record["commit"] and record["machine"]["cores"] and record["command"]
     results = record["results"]
-    assert set(results) == {"capacity", "fanout", "grpc", "idle", "publish", "cluster"}
+    assert set(results) == {"capacity", "fanout", "grpc", "idle", "publish", "cluster", "slow"}
     assert results["capacity"]["sse_msgs_per_second"] > 0
     # every server and transport delivered everything of its first step (whether a step met
     # the latency budget is a measurement, not something a test may assert)
@@ -34,6 +34,8 @@ def test_the_tiny_plan_runs_every_scenario_and_writes_its_record(tmp_path: Path)
     assert all(r["rate"] > 0 for r in results["publish"].values())
     assert results["publish"]["nats"]["stored_rate"] > 0
     assert all(r["steps"][0]["lost"] == 0 for r in results["cluster"].values())
+    slow = results["slow"]
+    assert slow["all_received"] and slow["others_lost"] == 0 and slow["paused"] == 2, slow
     summary = (tmp_path / "latest-tiny.md").read_text()
     assert "| broker | sse | 10 |" in summary
     for plot in ("fanout", "latency", "idle"):
