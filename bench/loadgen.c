@@ -61,6 +61,13 @@ static long n_samples;
 static int failed;
 static char first_error[256];
 
+/* A template with "{i}" in it, for connection i (one topic per connection). */
+static void expand(char *out, size_t size, const char *tmpl, int i) {
+    const char *at = strstr(tmpl, "{i}");
+    if (!at) { snprintf(out, size, "%s", tmpl); return; }
+    snprintf(out, size, "%.*s%d%s", (int)(at - tmpl), tmpl, i, at + 3);
+}
+
 static double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -249,7 +256,9 @@ static void readable(conn_t *c, char *buf) {
     if (transport == WS) {
         char op[512];
         unsigned char frame[600];
-        int len = snprintf(op, sizeof op, "{\"op\":\"subscribe\",\"topics\":[\"%s\"]}", ws_subscribe);
+        char topic[300];
+        expand(topic, sizeof topic, ws_subscribe, (int)(c - conns));
+        int len = snprintf(op, sizeof op, "{\"op\":\"subscribe\",\"topics\":[\"%s\"]}", topic);
         send_all(c, frame, ws_frame(frame, 1, op, (size_t)len));
     } else if (transport == NATS_WS) {
         char op[512];
@@ -327,18 +336,8 @@ int main(int argc, char **argv) {
     int ep = epoll_create1(0);
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
-    char request[2048];
+    char request[2048], target[1100];
     const char *accept = transport == NDJSON ? "application/x-ndjson" : "text/event-stream";
-    int rlen;
-    if (transport == SSE || transport == NDJSON)
-        rlen = snprintf(request, sizeof request, "GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
-                        "Accept: %s\r\nUser-Agent: broker-bench-c\r\n\r\n", path, port, accept);
-    else
-        rlen = snprintf(request, sizeof request, "GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
-                        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-                        "%s\r\n", path, port,
-                        transport == WS ? "Sec-WebSocket-Protocol: broker.v1.json\r\n" : "");
     struct epoll_event events[4096];
     /* connect in batches; each waits for its response head */
     for (int start = 0; start < n_conns; start += 256) {
@@ -350,6 +349,18 @@ int main(int argc, char **argv) {
             int one = 1;
             setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
             if (connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0) { fail(c, "connect failed"); continue; }
+            expand(target, sizeof target, path, i);
+            int rlen;
+            if (transport == SSE || transport == NDJSON)
+                rlen = snprintf(request, sizeof request, "GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                                "Accept: %s\r\nUser-Agent: broker-bench-c\r\n\r\n", target, port,
+                                accept);
+            else
+                rlen = snprintf(request, sizeof request, "GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                "Sec-WebSocket-Version: 13\r\n%s\r\n", target, port,
+                                transport == WS ? "Sec-WebSocket-Protocol: broker.v1.json\r\n" : "");
             send_all(c, request, (size_t)rlen);
             fcntl(c->fd, F_SETFL, O_NONBLOCK);
             struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};

@@ -104,12 +104,18 @@ class Http:
 
 
 def http_batch(args: argparse.Namespace) -> tuple[int, list[str]]:
+    """With ``--topics N`` the topic has ``{i}`` in it and the messages go round N topics."""
     conn = Http(args.host, args.port)
     published, errors = 0, []
-    prefix = b'{"topic":"%s","data":' % args.topic.encode()
+    prefixes = [b'{"topic":"%s","data":' % args.topic.replace("{i}", str(i)).encode()
+                for i in range(args.topics)]
     for n in paced(args.count, args.rate, args.max_batch):
-        line = prefix + payload(args.size) + b"}\n"
-        status, answer = conn.post(args.path or "/v1/publish", line * n, "application/x-ndjson")
+        data = payload(args.size) + b"}\n"
+        if len(prefixes) == 1:
+            body = (prefixes[0] + data) * n
+        else:
+            body = b"".join(prefixes[(published + k) % len(prefixes)] + data for k in range(n))
+        status, answer = conn.post(args.path or "/v1/publish", body, "application/x-ndjson")
         if status != 200:
             errors.append(f"{status}: {answer[:200]!r}")
             break
@@ -197,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--topic", default="bench")
+    parser.add_argument("--topics", type=int, default=1, help="http-batch: round {i} in --topic")
     parser.add_argument("--subject", default="broker.t.bench", help="nats: the subject")
     parser.add_argument("--path", default="", help="http modes: the request path")
     parser.add_argument("--count", type=int, default=10_000)

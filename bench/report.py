@@ -98,6 +98,20 @@ def markdown(record: dict[str, Any]) -> str:
             rate = r.get("stored_rate", r["rate"])
             lines.append(f"| {mode} | {rate:,.0f} |")
         lines.append("")
+    many = results.get("topics")
+    if many and "error" not in many:
+        lines += ["## Many topics (each SSE subscriber on its own topic or pattern)", "",
+                  "| subscribed to | subscribers | publish msg/s (each delivered once) | p50 ms | "
+                  "p99 ms | server CPU % |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for kind, r in many.items():
+            b = _best(r)
+            if b:
+                lines.append(f"| {kind} | {b['subscribers']:,} | {b['delivered_per_second']:,} | "
+                             f"{b['latency'].get('p50_ms')} | {b['latency'].get('p99_ms')} | "
+                             f"{b['server_cpu_percent']} |")
+            else:
+                lines.append(f"| {kind} | | no step passed | | | |")
+        lines.append("")
     slow = results.get("slow")
     if slow and "error" not in slow:
         lines += ["## Slow readers", "",

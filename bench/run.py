@@ -237,10 +237,10 @@ class Subscribers:
 
 
 def publish(target: Target, mode: str, count: int, rate: float, topic: str = "bench",
-            subject: str = "") -> dict[str, Any]:
+            subject: str = "", topics: int = 1) -> dict[str, Any]:
     port = {"grpc": target.grpc_port, "nats": target.port}.get(mode, target.port)
     argv = [PYTHON, "-m", "bench.publisher", "--mode", mode, "--port", str(port),
-            "--count", str(count), "--rate", str(rate), "--topic", topic,
+            "--count", str(count), "--rate", str(rate), "--topic", topic, "--topics", str(topics),
             "--subject", subject or f"broker.t.{topic}"]
     done = subprocess.run(pinned(LOAD_CORE, argv), cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
@@ -270,14 +270,16 @@ class Step:
 
 
 def step(target: Target, subs: Subscribers, rate: float, seconds: float, *, mode: str,
-         topic: str = "bench", subject: str = "", settle: float = 3.0) -> Step:
+         topic: str = "bench", subject: str = "", settle: float = 3.0, topics: int = 1,
+         fanout: int | None = None) -> Step:
+    """``fanout``: deliveries per published message (default: every subscriber gets each)."""
     subs.command("reset")
     load = psutil.Process(subs.process.pid) if hasattr(subs, "process") else None
     load0 = _cpu(load)
     cpu0, start = target.cpu_seconds(), time.monotonic()
     count = max(1, int(rate * seconds))
-    sent = publish(target, mode, count, rate, topic, subject)
-    expected = sent["published"] * subs.n
+    sent = publish(target, mode, count, rate, topic, subject, topics)
+    expected = sent["published"] * (fanout or subs.n)
     last, last_change = -1, time.monotonic()
     while True:
         report = subs.command("report")
@@ -348,6 +350,7 @@ class Plan:
     publish_count: int = 50000
     max_steps: int = 12
     idle_seconds: float = 16.0
+    topics: int = 10000
     slow_subscribers: int = 100
     slow_rate: float = 5000.0  # 10 s of it overflows a stopped reader's buffer (10,000 events)
 
@@ -577,6 +580,30 @@ class _Cpu:
         return sum(t.rss() for t in self.targets)
 
 
+def scenario_topics(plan: Plan) -> dict[str, Any]:
+    """Many topics: each SSE subscriber on a topic of its own (``many.<i>``), or on a pattern of
+    its own (``many.<i>.*``, published to ``many.<i>.x``); the messages go round the topics, so
+    each is delivered once. Needs the C load generator (a path per connection)."""
+    out: dict[str, Any] = {}
+    n = plan.topics
+    if Path(loadgen_argv()[-1]).name != "loadgen":
+        return {"error": "needs the C load generator (one topic per connection)"}
+    for kind, sub_topic, pub_topic in (("topics", "many.{i}", "many.{i}"),
+                                       ("patterns", "many.{i}.*", "many.{i}.x")):
+        label = f"{kind}: {n:,} subscribers, one each"
+        log(label)
+        target = start_broker()
+        try:
+            subs = Subscribers(target, "sse", n, path=f"/v1/sse?topic={sub_topic}")
+            out[kind] = ramp(target, subs, mode="http-batch", start_rate=1000.0,
+                             seconds=plan.seconds, factor=1.6, max_steps=plan.max_steps,
+                             label=label, topic=pub_topic, topics=n, fanout=1)
+            subs.close()
+        finally:
+            target.stop()
+    return out
+
+
 def scenario_slow(plan: Plan) -> dict[str, Any]:
     """Slow readers: a tenth of the SSE subscribers stop reading while the publisher goes on.
     The others' latency is compared with a run where everyone reads; the broker's memory is
@@ -642,14 +669,15 @@ SCENARIOS: dict[str, Callable[[Plan], dict[str, Any]]] = {
     "publish": scenario_publish,
     "cluster": scenario_cluster,
     "slow": scenario_slow,
+    "topics": scenario_topics,
 }
 
 PLANS = {
     "full": Plan(),
     "quick": Plan(seconds=3.0, fanout_subscribers=(100, 1000), idle_connections=(2000,),
-                  publish_count=20000, max_steps=8),
+                  publish_count=20000, max_steps=8, topics=1000),
     "tiny": Plan(seconds=1.0, fanout_subscribers=(10,), idle_connections=(20,),
-                 publish_count=2000, max_steps=2, idle_seconds=1.0, slow_subscribers=20,
+                 publish_count=2000, max_steps=2, idle_seconds=1.0, slow_subscribers=20, topics=20,
                  slow_rate=500.0),
 }
 

@@ -19,7 +19,11 @@ def test_the_tiny_plan_runs_every_scenario_and_writes_its_record(tmp_path: Path)
     record = json.loads((tmp_path / "latest-tiny.json").read_text())
     assert record["commit"] and record["machine"]["cores"] and record["command"]
     results = record["results"]
-    assert set(results) == {"capacity", "fanout", "grpc", "idle", "publish", "cluster", "slow"}
+    assert set(results) == {
+        "capacity", "fanout", "grpc", "idle", "publish", "cluster", "slow", "topics"}
+    for kind in ("topics", "patterns"):
+        first = results["topics"][kind]["steps"][0]
+        assert first["lost"] == 0 and first["received"] == first["published"], first
     assert results["capacity"]["sse_msgs_per_second"] > 0
     # every server and transport delivered everything of its first step (whether a step met
     # the latency budget is a measurement, not something a test may assert)
