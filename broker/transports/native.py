@@ -202,7 +202,7 @@ async def handle(
             await _serve_http(stream, event, app)
         else:
             await _serve_websocket(stream, event, head, app, max_ws_message)
-    except* (trio.BrokenResourceError, trio.ClosedResourceError):
+    except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass  # the client went away, or its connection was cut
     except* Exception:
         logger.exception("native connection failed")
