@@ -233,39 +233,31 @@ class Outlet:
         sink = self._direct
         if sink is None or not self._parked or self._greetings or self.draining:
             return self._wake()
-        if len(self.subscriptions) == 1:  # SSE, NDJSON, most sockets: the short way
-            (sub,) = self.subscriptions.values()
-            if sub.state is not State.LIVE:
-                return self._wake()
-            items = sub.take()
-            if not items:
-                return None
-            first = items[0]
-            if len(items) == 1 and type(first) is Run and self.framing.joined:
-                frames = [first.joined(self.framing.fmt)]
-                delivered = len(first.events)
-            else:
-                frames = self.framing.render(sub, items)
-                delivered = sum(len(i.events) for i in items if isinstance(i, Run))
-            if not sink.write_nowait_many(frames):
-                self._greetings.extend(frames)  # the writer sends them first
-                self._wake()
-            self._last_write = trio.current_time()
-            self._count(sub, delivered)
-            return None
-        subs = list(self.subscriptions.values())
+        subs = self.subscriptions.values()
         if any(sub.state is not State.LIVE for sub in subs):
             return self._wake()
-        for sub in subs:
-            if not sub.has_pending:
-                continue
-            items = sub.take()
+        for sub in list(subs) if len(subs) > 1 else subs:
+            if sub.has_pending and not self._write_now(sink, sub):
+                return self._wake()  # the socket is full: the writer takes it from here
+        return None
+
+    def _write_now(self, sink: DirectSink, sub: Subscription) -> bool:
+        """Take what ``sub`` has pending and write it whole without blocking; False when the
+        socket would not take it (the frames are then queued for the writer, first)."""
+        items = sub.take()
+        first = items[0]
+        if len(items) == 1 and type(first) is Run and self.framing.joined:
+            frames = [first.joined(self.framing.fmt)]  # the common case: one run, one buffer
+            delivered = len(first.events)
+        else:
             frames = self.framing.render(sub, items)
-            if not sink.write_nowait_many(frames):
-                self._greetings.extend(frames)  # the writer sends them first
-                self._wake()
-            self._last_write = trio.current_time()
-            self._count(sub, sum(len(i.events) for i in items if isinstance(i, Run)))
+            delivered = sum(len(i.events) for i in items if isinstance(i, Run))
+        written = sink.write_nowait_many(frames)
+        if not written:
+            self._greetings.extend(frames)
+        self._last_write = trio.current_time()
+        self._count(sub, delivered)
+        return written
 
     # -- the writer --------------------------------------------------------------------------
 
