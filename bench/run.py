@@ -11,6 +11,7 @@ plots, and ``latest.*`` copies; see docs/performance.md for what each scenario m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -747,11 +748,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", choices=sorted(PLANS), default="quick")
     parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
                         help="run only these (repeatable; default: all)")
+    parser.add_argument("--transports", help="fan-out transports, comma-separated (sse,ndjson,ws)")
+    parser.add_argument("--subscribers", help="fan-out sizes, comma-separated (e.g. 1000)")
+    parser.add_argument("--no-baselines", action="store_true", help="the broker only")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
     plan = PLANS[args.plan]
+    if args.transports:
+        plan = dataclasses.replace(plan, transports=tuple(args.transports.split(",")))
+    if args.subscribers:
+        sizes = tuple(int(n) for n in args.subscribers.split(","))
+        plan = dataclasses.replace(plan, fanout_subscribers=sizes)
+    if args.no_baselines:
+        plan = dataclasses.replace(plan, baselines=False)
     names = args.scenario or list(SCENARIOS)
-    complete = set(names) == set(SCENARIOS)
+    complete = set(names) == set(SCENARIOS) and plan == PLANS[args.plan]
     record: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(), "command": " ".join(["broker bench", *(argv or sys.argv[1:])]),

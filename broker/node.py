@@ -61,10 +61,22 @@ class Framings:
             )
             for codec in ws.Codec
         }
+        # The native path writes whole WebSocket frames: each event's frame, head included, is
+        # encoded once and a run's frames are joined once, like an SSE run (decisions #20).
+        self.ws_wire = {
+            codec: Framing(
+                Format(codec.value + "+wire", _wired(codec, _ws_event_encoder(codec))),
+                gap=_wired(codec, partial(_ws_gap, codec)),
+                reset=_wired(codec, partial(_ws_reset, codec)),
+                joined=True,
+            )
+            for codec in ws.Codec
+        }
 
     def like(self, framing: Framing) -> Framing:
         """This epoch's framing for the transport ``framing`` (of an older epoch) serves."""
-        for candidate in (self.sse, self.ndjson, self.grpc, *self.ws.values()):
+        framings = (self.sse, self.ndjson, self.grpc, *self.ws.values(), *self.ws_wire.values())
+        for candidate in framings:
             if candidate.fmt.name == framing.fmt.name:
                 return candidate
         raise ValueError(f"no framing like {framing.fmt.name!r}")
@@ -74,6 +86,11 @@ def _ws_event_encoder(codec: ws.Codec) -> Callable[[Event], bytes]:
     if codec is ws.Codec.JSON:
         return lambda event: ws.encode_event_json(event).encode()
     return ws.encode_event_msgpack
+
+
+def _wired(codec: ws.Codec, encode: Callable[..., bytes]) -> Callable[..., bytes]:
+    """``encode``, with its result made a whole WebSocket frame."""
+    return lambda *args: ws.wire_frame(codec, encode(*args))
 
 
 def _gap_fields(gap: Gap) -> dict[str, object]:

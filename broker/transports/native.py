@@ -32,6 +32,8 @@ import wsproto
 import wsproto.events as wse
 from wsproto.connection import ConnectionType
 
+from broker.wire import ws
+
 if TYPE_CHECKING:  # asgi imports the node, which imports the listener, which imports us
     from broker.transports.asgi import ASGIApp, Message, Scope
 
@@ -83,19 +85,11 @@ def _identity(data: bytes) -> list[bytes]:
 
 
 def ws_text(data: bytes) -> list[bytes]:
-    return [_ws_head(0x81, len(data)), data]
+    return [ws.frame_header(ws.Codec.JSON, len(data)), data]
 
 
 def ws_binary(data: bytes) -> list[bytes]:
-    return [_ws_head(0x82, len(data)), data]
-
-
-def _ws_head(first: int, n: int) -> bytes:
-    if n < 126:
-        return bytes((first, n))
-    if n < 65536:
-        return bytes((first, 126)) + n.to_bytes(2, "big")
-    return bytes((first, 127)) + n.to_bytes(8, "big")
+    return [ws.frame_header(ws.Codec.MSGPACK, len(data)), data]
 
 
 class NativeSink:
@@ -112,30 +106,24 @@ class NativeSink:
         self._flush = trio.Event()
 
     def write_nowait(self, data: bytes) -> bool:
-        if self._pending or self._lock.locked():
-            return False
-        parts = self.frame(data)
-        try:
-            sent = os.writev(self._fd, parts)
-        except OSError:  # would block, or the peer is gone (the async write will say so)
-            return False
-        if sent < sum(map(len, parts)):
-            self._pending = b"".join(parts)[sent:]
-            self._flush.set()
-        return True
+        return self.writev_nowait(self.frame(data))
 
     def write_nowait_many(self, frames: Sequence[bytes]) -> bool:
         """Every frame in one ``writev``, or nothing."""
         if len(frames) == 1:
             return self.write_nowait(frames[0])
+        return self.writev_nowait([part for data in frames for part in self.frame(data)])
+
+    def writev_nowait(self, parts: list[bytes]) -> bool:
+        """These bytes, as they are, in one ``writev`` now; False (nothing written) when the
+        socket would block or a write is in progress. The sink finishes a partial write."""
         if self._pending or self._lock.locked():
             return False
-        parts = [part for data in frames for part in self.frame(data)]
         if len(parts) > _MAX_IOVEC:
             parts = [b"".join(parts)]
         try:
             sent = os.writev(self._fd, parts)
-        except OSError:
+        except OSError:  # would block, or the peer is gone (the async write will say so)
             return False
         if sent < sum(map(len, parts)):
             self._pending = b"".join(parts)[sent:]
@@ -151,6 +139,10 @@ class NativeSink:
             await self._finish_pending()
             await self._stream.send_all(data)
 
+    def preframed(self) -> PreframedSink:
+        """This socket as a sink for writes that are already whole frames."""
+        return PreframedSink(self)
+
     async def run_flusher(self) -> None:
         while True:
             await self._flush.wait()
@@ -162,6 +154,23 @@ class NativeSink:
         if self._pending:
             pending, self._pending = self._pending, b""
             await self._stream.send_all(pending)
+
+
+class PreframedSink:
+    """A `NativeSink` whose writes are already framed (WebSocket frames encoded once per event
+    with their heads, so that every subscriber shares the same bytes); same socket, same order."""
+
+    def __init__(self, sink: NativeSink) -> None:
+        self._sink = sink
+
+    def write_nowait(self, data: bytes) -> bool:
+        return self._sink.writev_nowait([data])
+
+    def write_nowait_many(self, frames: Sequence[bytes]) -> bool:
+        return self._sink.writev_nowait(list(frames))
+
+    async def write(self, data: bytes) -> None:
+        await self._sink.write_raw(data)
 
 
 def native_kind(request: h11.Request) -> str | None:

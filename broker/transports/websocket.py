@@ -1,7 +1,8 @@
 """The WebSocket transport (``/v1/ws``): many subscriptions, publish and ping on one socket.
 
 Two tasks per socket: the reader parses client operations and answers them; the outlet's writer
-delivers events. Both write through hypercorn, which serialises sends. A bad operation gets an
+delivers events. Both write through one sink (hypercorn's, or the native path's socket), which
+serialises sends. A bad operation gets an
 ``error`` frame and the socket stays open; only protocol-level faults close it.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import trio
 
 from broker.backplane.base import AppendRequest
-from broker.delivery import Outlet
+from broker.delivery import Outlet, Sink
 from broker.errors import CloseCode, Problem, RequestError, Unavailable
 from broker.node import Node
 from broker.subscription import CloseReason
@@ -55,14 +56,21 @@ async def serve(node: Node, scope: Scope, receive: Receive, send: Send) -> None:
         )
         return await _refuse(scope, send, error)
     await send({"type": "websocket.accept", "subprotocol": codec.value if offered else None})
-    native = scope.get("extensions", {}).get("broker.native")
-    sink = native or AsgiWebSocketSink(send, text=codec is ws.Codec.JSON)
     # An application frame, not a protocol ping: browsers never see pings, so only this lets
     # a client notice a dead connection (and hypercorn's ping task outlives closed sockets).
     heartbeat = ws.frame_bytes(ws.encode_frame(codec, {"type": "heartbeat"}))
-    framing = node.framings.ws[codec]
+    native = scope.get("extensions", {}).get("broker.native")
+    sink: Sink
+    if native is not None:
+        # Replies are framed by the socket's sink; events arrive as whole frames, shared.
+        sink, delivery = native, native.preframed()
+        framing = node.framings.ws_wire[codec]
+        heartbeat = ws.wire_frame(codec, heartbeat)
+    else:
+        sink = delivery = AsgiWebSocketSink(send, text=codec is ws.Codec.JSON)
+        framing = node.framings.ws[codec]
     client = scope.get("client")
-    with node.outlet(sink, framing, "ws", client=client, heartbeat=heartbeat) as outlet:
+    with node.outlet(delivery, framing, "ws", client=client, heartbeat=heartbeat) as outlet:
         session = _Session(node, outlet, sink, codec)
         async with trio.open_nursery() as nursery:
 
@@ -87,7 +95,7 @@ async def serve(node: Node, scope: Scope, receive: Receive, send: Send) -> None:
 
 
 class _Session:
-    def __init__(self, node: Node, outlet: Outlet, sink: AsgiWebSocketSink, codec: ws.Codec):
+    def __init__(self, node: Node, outlet: Outlet, sink: Sink, codec: ws.Codec):
         self.node = node
         self.outlet = outlet
         self.sink = sink

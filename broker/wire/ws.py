@@ -94,6 +94,22 @@ def frame_bytes(frame: str | bytes) -> bytes:
     return frame.encode() if isinstance(frame, str) else frame
 
 
+def frame_header(codec: Codec, size: int) -> bytes:
+    """The head of an unmasked, final server frame of ``size`` payload bytes (RFC 6455 5.2):
+    text for JSON, binary for msgpack."""
+    first = 0x81 if codec is Codec.JSON else 0x82
+    if size < 126:
+        return bytes((first, size))
+    if size < 65536:
+        return bytes((first, 126)) + size.to_bytes(2, "big")
+    return bytes((first, 127)) + size.to_bytes(8, "big")
+
+
+def wire_frame(codec: Codec, payload: bytes) -> bytes:
+    """A whole frame as it goes on the socket: what the native path shares among subscribers."""
+    return frame_header(codec, len(payload)) + payload
+
+
 def error_frame(codec: Codec, error: RequestError, ref: object = None) -> str | bytes:
     frame: dict[str, object] = {
         "type": "error",

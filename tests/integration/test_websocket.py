@@ -196,3 +196,28 @@ async def test_overflow_policy_disconnect_closes_with_4001(start_broker: StartBr
             pass
         assert ws.close_code_seen == 4001
     await wait_for(lambda: len(running.node.hub) == 0)
+
+
+@pytest.mark.parametrize("codec", ["broker.v1.json", "broker.v1.msgpack"])
+async def test_frames_of_every_length_encoding_arrive_whole_and_in_order(
+    broker: Running, codec: str
+) -> None:
+    """Payloads around the 7-bit, 16-bit and 64-bit length forms of a frame's head (RFC 6455
+    5.2), published in one batch so that they are delivered as one run (one write)."""
+    sizes = [1, 100, 125, 126, 65_000, 65_536, 70_000]
+    async with open_websocket_url(ws_url(broker), subprotocols=[codec]) as ws:
+        pack = (lambda op: json.dumps(op)) if codec.endswith("json") else msgpack.packb
+        unpack = json.loads if codec.endswith("json") else msgpack.unpackb
+        await ws.send_message(pack({"op": "subscribe", "topics": ["sizes"]}))
+        assert unpack(await ws.get_message())["type"] == "subscribed"
+        lines = "".join(json.dumps({"topic": "sizes", "data": "x" * n}) + "\n" for n in sizes)
+        async with httpx.AsyncClient(base_url=broker.url) as http:
+            answer = await http.post(
+                "/v1/publish", content=lines, headers={"content-type": "application/x-ndjson"}
+            )
+        assert answer.json() == {"seqs": [1, 2, 3, 4, 5, 6, 7]}
+        for seq, n in enumerate(sizes, 1):
+            with trio.fail_after(10):
+                event = unpack(await ws.get_message())
+            data = event["data"] if isinstance(event["data"], str) else event["data"].decode()
+            assert (event["type"], event["seq"], data) == ("event", seq, "x" * n)

@@ -11,6 +11,7 @@ import msgpack
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from wsproto.frame_protocol import FrameProtocol
 
 from broker.errors import Problem, ProtocolError, RequestError
 from broker.model import Event, Position
@@ -472,3 +473,13 @@ def test_decode_frame_fuzz(message: str | bytes) -> None:
     for codec in CODECS:
         with contextlib.suppress(ProtocolError):
             assert isinstance(ws.decode_frame(codec, message), dict)
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65_535, 65_536, 70_000])
+@pytest.mark.parametrize("codec", list(Codec))
+def test_a_wire_frame_is_byte_for_byte_what_wsproto_sends(codec: Codec, size: int) -> None:
+    """The native path writes frames it built itself; wsproto (the reference) agrees."""
+    payload = b"x" * size
+    reference = FrameProtocol(client=False, extensions=[])
+    data: str | bytes = payload.decode() if codec is Codec.JSON else payload
+    assert ws.wire_frame(codec, payload) == bytes(reference.send_data(data, fin=True))
