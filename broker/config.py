@@ -78,6 +78,10 @@ class Settings:
     # Subscriber streams (SSE, NDJSON, WebSocket) written straight to the socket; false: every
     # connection through hypercorn (the slow path, kept complete; see docs/performance.md).
     native_streams: bool = True
+    # Connections the kernel queues before they are accepted. When clients reconnect all at once
+    # (a node restarted), a short queue drops SYNs and each dropped one waits 1 s (then 3 s...)
+    # to retry; Linux caps this at net.core.somaxconn (4096 by default).
+    listen_backlog: int = 4096
     # Garbage collection: objects alive are frozen out of the collector's way this often (0: off,
     # the interpreter's default behaviour), and a full collection runs this often.
     gc_freeze_seconds: float = 1.0

@@ -15,7 +15,7 @@ import trio
 
 from broker.backplane.base import AppendRequest, AppendResult, Log
 from broker.config import Settings
-from broker.delivery import Framing, Outlet, Router, Sink
+from broker.delivery import Framing, Heartbeats, Outlet, Router, Sink
 from broker.encoding import Format
 from broker.errors import Problem, RequestError, Unavailable
 from broker.hub import Hub
@@ -122,10 +122,12 @@ class Node:
         self.log = log
         self.hub = Hub(routed_seq=log.last_seq)
         self.router = Router(self.hub)
+        self.heartbeats = Heartbeats(settings.heartbeat_seconds)
         log.on_events(self.router.enqueue)
         log.on_reset(self._on_reset)
         self.metrics = Metrics()
         self.outlets: set[Outlet] = set()
+        self.blocked_outlets: set[Outlet] = set()  # each in a write that would block
         self.draining = False
         self._framings = Framings(log.epoch)
         self._ids = itertools.count(1)
@@ -244,17 +246,20 @@ class Node:
             framing=framing,
             transport=transport,
             heartbeat=heartbeat,
-            heartbeat_seconds=settings.heartbeat_seconds,
             page_events=page_events or settings.catchup_page_events,
             on_delivered=self.metrics.count_delivered,
         )
         if client is not None:
             outlet.cut = partial(self.connections.cut, client)
+        outlet.blocked_outlets = self.blocked_outlets
         self.outlets.add(outlet)
+        if heartbeat is not None:
+            self.heartbeats.outlets.add(outlet)
         self.metrics.count_connection(transport)
         try:
             yield outlet
         finally:
+            self.heartbeats.outlets.discard(outlet)
             for sub in outlet.subscriptions.values():
                 self.metrics.absorb(sub)
             outlet.close()
@@ -281,7 +286,7 @@ class Node:
         while True:
             await trio.sleep(min(1.0, timeout / 2))
             now = trio.current_time()
-            for outlet in list(self.outlets):
+            for outlet in list(self.blocked_outlets):
                 since = outlet.blocked_since
                 if since is not None and now - since > timeout and outlet.cut():
                     self.metrics.stalled_cuts += 1

@@ -116,7 +116,8 @@ class Server:
 
         async def serve_http(*, task_status: trio.TaskStatus[str]) -> None:
             config = hypercorn_config(self.settings)
-            sock = listen(self.settings.host, self.settings.port, backlog=config.backlog)
+            settings = self.settings
+            sock = listen(settings.host, settings.port, backlog=settings.listen_backlog)
             try:
                 await serve_asgi(
                     wrap_app(cast(Any, app), config.wsgi_max_body_size, "asgi"),
@@ -137,6 +138,7 @@ class Server:
                 node.hub.routed_seq = node.log.last_seq  # known once the log follows its source
                 await nursery.start(node.router.run)
                 await nursery.start(node.cut_stalled_writes)
+                await nursery.start(node.heartbeats.run)
                 if self.settings.gc_freeze_seconds:
                     nursery.start_soon(
                         keep_gc_young,

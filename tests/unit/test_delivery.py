@@ -16,7 +16,7 @@ import trio.testing
 
 from broker.backplane.base import AppendRequest
 from broker.backplane.memory import MemoryLog
-from broker.delivery import Framing, Outlet, Router
+from broker.delivery import Framing, Heartbeats, Outlet, Router
 from broker.encoding import Format
 from broker.hub import Hub
 from broker.model import Event, Filter
@@ -86,6 +86,7 @@ class FakeSink:
 class Broker:
     log: MemoryLog
     hub: Hub
+    heartbeats: Heartbeats  # every 15 s of silence, as the node's default
 
     async def publish(self, topics: Sequence[str]) -> list[int]:
         results = await self.log.append([AppendRequest(t, b"") for t in topics])
@@ -117,20 +118,21 @@ class Broker:
         sink: FakeSink,
         *,
         heartbeat: bytes | None = None,
-        heartbeat_seconds: float = 15.0,
         page_events: int = 1000,
         framing: Framing = FRAMING,
     ) -> Outlet:
-        return Outlet(
+        outlet = Outlet(
             hub=self.hub,
             log=self.log,
             sink=sink,
             framing=framing,
             transport="test",
             heartbeat=heartbeat,
-            heartbeat_seconds=heartbeat_seconds,
             page_events=page_events,
         )
+        if heartbeat is not None:
+            self.heartbeats.outlets.add(outlet)
+        return outlet
 
 
 OpenBroker = Callable[..., Awaitable[Broker]]
@@ -146,7 +148,9 @@ def open_broker(nursery: trio.Nursery) -> OpenBroker:
         router = Router(hub)
         log.on_events(router.enqueue)
         await nursery.start(router.run)
-        return Broker(log, hub)
+        heartbeats = Heartbeats(15.0)
+        await nursery.start(heartbeats.run)
+        return Broker(log, hub, heartbeats)
 
     return open_broker
 
@@ -303,11 +307,12 @@ async def test_heartbeat_after_a_silence_and_not_before(
 ) -> None:
     broker = await open_broker()
     sink = FakeSink()
-    outlet = broker.outlet(sink, heartbeat=HEARTBEAT, heartbeat_seconds=15)
+    outlet = broker.outlet(sink, heartbeat=HEARTBEAT)
     outlet.attach(broker.subscribe())
     start = trio.current_time()
     Running(nursery, outlet)
 
+    # Heartbeats look every 15 / 4 s for outlets silent for 15 s: one comes after 15 to 18.75 s.
     await trio.sleep_until(start + 14.9)
     assert sink.writes == []
     await trio.sleep_until(start + 15.1)
@@ -316,12 +321,15 @@ async def test_heartbeat_after_a_silence_and_not_before(
     await trio.sleep_until(start + 20)
     await broker.publish(["a"])
     await sink.wait_for_seq(1)
-    # The silence starts again at the event: no heartbeat at 30, one at 35.
+    # The silence starts again at the event: none by 34.9 (nor at 30, 15 s after the first
+    # heartbeat), one by 20 + 18.75, then the next 15 s after that one.
     await trio.sleep_until(start + 34.9)
     assert sink.frames() == ["hb", 1]
-    await trio.sleep_until(start + 35.1)
+    await trio.sleep_until(start + 38.8)
     assert sink.frames() == ["hb", 1, "hb"]
-    await trio.sleep_until(start + 50.1)
+    await trio.sleep_until(start + 52.4)
+    assert sink.frames() == ["hb", 1, "hb"]
+    await trio.sleep_until(start + 52.6)
     assert sink.frames() == ["hb", 1, "hb", "hb"]
 
 
@@ -330,7 +338,7 @@ async def test_no_heartbeat_configured_means_silence(
 ) -> None:
     broker = await open_broker()
     sink = FakeSink()
-    outlet = broker.outlet(sink, heartbeat=None, heartbeat_seconds=15)
+    outlet = broker.outlet(sink, heartbeat=None)
     outlet.attach(broker.subscribe())
     Running(nursery, outlet)
     await trio.sleep(3600)
@@ -404,7 +412,7 @@ async def test_a_catch_up_that_overtakes_the_router_does_not_repeat_what_is_rout
         hub.route(unrouted)
         unrouted.clear()
 
-    broker = Broker(log, hub)
+    broker = Broker(log, hub, Heartbeats(15.0))  # not running: no heartbeat is asked for
     await broker.publish(["a"] * 2000)
     route()
     await broker.publish(["a"] * 100)  # 2001..2100: in the log, not yet routed
@@ -525,7 +533,7 @@ async def test_drain_makes_run_return_draining(
 ) -> None:
     broker = await open_broker()
     sink = FakeSink()
-    outlet = broker.outlet(sink, heartbeat=HEARTBEAT, heartbeat_seconds=15)
+    outlet = broker.outlet(sink, heartbeat=HEARTBEAT)
     outlet.attach(broker.subscribe())
     running = Running(nursery, outlet)
     await trio.sleep(5)
