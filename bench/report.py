@@ -124,6 +124,21 @@ def markdown(record: dict[str, Any]) -> str:
                   f"{slow['others_lost']} | {slow['rss_mb_before']} MB | "
                   f"{slow['rss_mb_while_stopped']} MB | {slow['behind_when_resumed']:,} | "
                   f"{slow['catchup_msgs_per_second']:,} | {slow['all_received']} |", ""]
+    latency = results.get("latency")
+    if latency:
+        lines += ["## Latency at a light load", "",
+                  f"{latency['subscribers']} SSE subscribers; publish rate {latency['rate']:,} "
+                  f"msg/s ({latency['rate_from']}); HTTP single requests at most 500/s.", "",
+                  "| path | publish msg/s | lost | p50 ms | p99 ms | max ms | server CPU % |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for path in ("embedded http-batch", "embedded http", "nats"):
+            r = latency.get(path)
+            if r:
+                lat = r["latency"]
+                lines.append(f"| {path} | {r['rate']:,} | {r['lost']} | {lat.get('p50_ms')} | "
+                             f"{lat.get('p99_ms')} | {lat.get('max_ms')} | "
+                             f"{r['server_cpu_percent']} |")
+        lines.append("")
     if "cluster" in results:
         lines += ["## Cluster: SSE fan-out on 1 node vs 2 nodes (one NATS server)", "",
                   "| nodes | publish msg/s | delivered msg/s | p99 ms | CPU % (all nodes) |",

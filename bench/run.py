@@ -354,6 +354,7 @@ class Plan:
     topics: int = 10000
     slow_subscribers: int = 100
     slow_rate: float = 5000.0  # 10 s of it overflows a stopped reader's buffer (10,000 events)
+    latency_rate: float = 1000.0  # when the fan-out scenario did not run
 
 
 def deliveries_start(n: int) -> float:
@@ -549,6 +550,42 @@ def scenario_cluster(plan: Plan) -> dict[str, Any]:
     return out
 
 
+def scenario_latency(plan: Plan) -> dict[str, Any]:
+    """Publish -> delivery latency at a light load: 100 SSE subscribers, published at 10 % of
+    the highest rate the fan-out scenario sustained for them in this run (or
+    ``plan.latency_rate``), embedded (HTTP batch; HTTP single requests, at most 500/s) and through
+    NATS (core NATS publish to the stream's subject, a node on JetStream delivering)."""
+    n = 100
+    fanout = RESULTS.get("fanout", {}).get("broker", {}).get("sse", {}).get(str(n), {})
+    best = (fanout or {}).get("best")
+    rate = round(best["rate"] / 10, 1) if best else plan.latency_rate
+    out: dict[str, Any] = {"subscribers": n, "rate": rate,
+                           "rate_from": "fan-out sse x100 / 10" if best else "plan"}
+    target = start_broker()
+    try:
+        subs = Subscribers(target, "sse", n)
+        for mode, mode_rate in (("http-batch", rate), ("http", min(rate, 500.0))):
+            result = step(target, subs, mode_rate, plan.seconds, mode=mode)
+            out[f"embedded {mode}"] = result.__dict__
+            log(f"  latency embedded {mode} at {mode_rate:,.0f} msg/s: {result.latency}")
+        subs.close()
+    finally:
+        target.stop()
+    nats = start_nats("nats-js", jetstream=True)
+    node = start_broker(nats_url=f"nats://127.0.0.1:{nats.port}", stream="BENCH")
+    try:
+        subs = Subscribers(node, "sse", n)
+        via_nats = dataclasses.replace(node, port=nats.port)  # publish to NATS, CPU of the node
+        result = step(via_nats, subs, rate, plan.seconds, mode="nats", subject="bench.bench")
+        out["nats"] = result.__dict__
+        log(f"  latency through NATS at {rate:,.0f} msg/s: {result.latency}")
+        subs.close()
+    finally:
+        node.stop()
+        nats.stop()
+    return out
+
+
 class _Group:
     """Several load generators as one."""
 
@@ -671,7 +708,9 @@ SCENARIOS: dict[str, Callable[[Plan], dict[str, Any]]] = {
     "cluster": scenario_cluster,
     "slow": scenario_slow,
     "topics": scenario_topics,
+    "latency": scenario_latency,
 }
+RESULTS: dict[str, Any] = {}  # this run's results so far (the latency scenario reads fan-out's)
 
 PLANS = {
     "full": Plan(),
@@ -679,7 +718,7 @@ PLANS = {
                   publish_count=20000, max_steps=8, topics=1000),
     "tiny": Plan(seconds=1.0, fanout_subscribers=(10,), idle_connections=(20,),
                  publish_count=2000, max_steps=2, idle_seconds=1.0, slow_subscribers=20, topics=20,
-                 slow_rate=500.0),
+                 slow_rate=500.0, latency_rate=100.0),
 }
 
 
@@ -778,7 +817,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 log(f"== {name}")
                 started = time.monotonic()
-                record["results"][name] = SCENARIOS[name](plan)
+                record["results"][name] = RESULTS[name] = SCENARIOS[name](plan)
                 log(f"   ({time.monotonic() - started:.0f} s)")
     finally:
         kill_children()  # nothing of the bench may outlive it (it would skew the next run)

@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import trio
@@ -42,8 +42,14 @@ class DirectSink(Sink, Protocol):
     """A sink on a raw socket, written from whichever task has the bytes."""
 
     def write_nowait_many(self, frames: Sequence[bytes]) -> bool:
-        """Write every frame now, or nothing (False); a partial write is finished by the sink."""
+        """Write every frame now, or nothing (False). What the socket did not take of a write
+        is ``pending`` (later writes decline) until `flush` sends it."""
         ...
+
+    @property
+    def pending(self) -> bool: ...
+
+    async def flush(self) -> None: ...
 
 
 class Framing:
@@ -199,7 +205,6 @@ class Outlet:
         self.heartbeat = heartbeat  # written by `Heartbeats` after a silence (None: never)
         self._page_events = page_events
         self._on_delivered = on_delivered
-        self._lot = trio.lowlevel.ParkingLot()
         self.subscriptions: dict[str, Subscription] = {}
         self.draining = False
         # When the current write started blocking (trio clock), for the stalled-write watchdog.
@@ -210,7 +215,9 @@ class Outlet:
         self.cut: Callable[[], bool] = lambda: False
         self._greetings: list[bytes] = []  # frames to write before anything else
         self._direct = sink if isinstance(sink, DirectSink) else None
-        self._parked = False
+        # The writer's task while it is parked with nothing to do (woken by `_wake`); no
+        # ParkingLot: one costs ~1 KB and only this one task ever waits here.
+        self._parked: trio.lowlevel.Task | None = None
         self.last_write = trio.current_time()  # or the last heartbeat queued
 
     # -- subscriptions ---------------------------------------------------------------------
@@ -245,16 +252,16 @@ class Outlet:
         self._wake()
 
     def _wake(self) -> None:
-        self._parked = False
-        if len(self._lot):
-            self._lot.unpark_all()
+        parked, self._parked = self._parked, None
+        if parked is not None:
+            trio.lowlevel.reschedule(parked)
 
     def _wake_direct(self) -> None:
         """A subscription has work. If the writer is parked with nothing queued and every
         subscription is live, write what is pending now, from the caller's task (the router's);
         else wake the writer."""
         sink = self._direct
-        if sink is None or not self._parked or self._greetings or self.draining:
+        if sink is None or self._parked is None or self._greetings or self.draining:
             return self._wake()
         subs = self.subscriptions.values()
         if any(sub.state is not State.LIVE for sub in subs):
@@ -278,6 +285,8 @@ class Outlet:
         written = sink.write_nowait_many(frames)
         if not written:
             self._greetings.extend(frames)
+        elif sink.pending:
+            self._wake()  # the writer sends the rest
         self.last_write = trio.current_time()
         self._count(sub, delivered)
         return written
@@ -291,8 +300,10 @@ class Outlet:
             return
         self.last_write = trio.current_time()
         sink = self._direct
-        idle = self._parked and not self._greetings and not self.draining
+        idle = self._parked is not None and not self._greetings and not self.draining
         if sink is not None and idle and sink.write_nowait(heartbeat):
+            if sink.pending:
+                self._wake()
             return
         self._greetings.append(heartbeat)
         self._wake()
@@ -330,11 +341,17 @@ class Outlet:
                     await self._write(self.framing.render(sub, items))
                     self._count(sub, delivered)
                     progressed = True
+            if not progressed and self._direct is not None and self._direct.pending:
+                await self._blocking(self._direct.flush())  # what the socket did not take
+                progressed = True
             if not progressed:
                 # No await since the checks above, so no wake-up can have been missed.
-                self._parked = True
-                await self._lot.park()
-                self._parked = False
+                self._parked = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort_park)
+
+    def _abort_park(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        self._parked = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     async def _catch_up(self, sub: Subscription) -> None:
         """Write one page of history; re-join live when it reaches the hub's routed edge."""
@@ -361,13 +378,17 @@ class Outlet:
             return
         for frame in frames:
             if not sink.write_nowait(frame):
-                self.blocked_since = trio.current_time()
-                self.blocked_outlets.add(self)
-                try:
-                    await sink.write(frame)
-                finally:
-                    self.blocked_since = None
-                    self.blocked_outlets.discard(self)
+                await self._blocking(sink.write(frame))
+
+    async def _blocking(self, write: Awaitable[None]) -> None:
+        """A write that may block, watched by the stalled-write watchdog while it does."""
+        self.blocked_since = trio.current_time()
+        self.blocked_outlets.add(self)
+        try:
+            await write
+        finally:
+            self.blocked_since = None
+            self.blocked_outlets.discard(self)
 
     def _count(self, sub: Subscription, delivered: int) -> None:
         if delivered:

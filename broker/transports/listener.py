@@ -126,10 +126,12 @@ async def serve(
             state = ConnectionState(lifespan_state.copy())
             handler: Callable[[trio.SocketStream], Awaitable[None]]
             handler = partial(TCPServer, app, config, context, state)
+            hangups = native.Hangups()
+            server_nursery.start_soon(hangups.run)
             if native_app is not None:  # subscriber streams on the raw socket (native.py)
                 handler = partial(
                     native.handle, app=native_app, fallback=handler,
-                    max_ws_message=config.websocket_max_message_size,
+                    max_ws_message=config.websocket_max_message_size, hangups=hangups,
                 )
             try:
                 async with trio.open_nursery() as nursery:
@@ -144,6 +146,7 @@ async def serve(
                 if others is not None:
                     raise others from None
             finally:
+                hangups.close()
                 await context.terminated.set()
                 server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
         await lifespan.wait_for_shutdown()

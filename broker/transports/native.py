@@ -19,9 +19,11 @@ stream is the connection's last response), WebSocket frames are the same frames.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import select
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -94,16 +96,23 @@ def ws_binary(data: bytes) -> list[bytes]:
 
 class NativeSink:
     """The hub's `Sink` on a raw socket: ``frame`` turns a write into the pieces to send (an HTTP
-    chunk, a WebSocket frame). A partial non-blocking write is finished by `run_flusher`; until
-    it is, and while an async write holds the lock, `write_nowait` declines."""
+    chunk, a WebSocket frame). What a non-blocking write leaves unsent is ``pending`` until the
+    outlet's writer calls `flush` (or the next awaited write sends it first); until then, and
+    while an awaited write holds the lock, `write_nowait` declines, so bytes stay in order."""
+
+    # SSE and NDJSON connections are watched for hang-ups by `Hangups`, not by a task of theirs.
+    watched = False
 
     def __init__(self, stream: trio.SocketStream, frame: Callable[[bytes], list[bytes]]) -> None:
         self._stream = stream
         self._fd = stream.socket.fileno()
         self.frame = frame
-        self._lock = trio.Lock()
+        self._lock: trio.Lock | None = None  # made when a write must wait (~1 KB each)
         self._pending = b""
-        self._flush = trio.Event()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
 
     def write_nowait(self, data: bytes) -> bool:
         return self.writev_nowait(self.frame(data))
@@ -117,7 +126,7 @@ class NativeSink:
     def writev_nowait(self, parts: list[bytes]) -> bool:
         """These bytes, as they are, in one ``writev`` now; False (nothing written) when the
         socket would block or a write is in progress. The sink finishes a partial write."""
-        if self._pending or self._lock.locked():
+        if self._pending or (self._lock is not None and self._lock.locked()):
             return False
         if len(parts) > _MAX_IOVEC:
             parts = [b"".join(parts)]
@@ -127,7 +136,6 @@ class NativeSink:
             return False
         if sent < sum(map(len, parts)):
             self._pending = b"".join(parts)[sent:]
-            self._flush.set()
         return True
 
     async def write(self, data: bytes) -> None:
@@ -135,7 +143,11 @@ class NativeSink:
 
     async def write_raw(self, data: bytes) -> None:
         """Bytes as they are (a response head, a WebSocket handshake or close), in order."""
-        async with self._lock:
+        if self.writev_nowait([data]):
+            if self._pending:
+                await self.flush()
+            return
+        async with self._locked():
             await self._finish_pending()
             await self._stream.send_all(data)
 
@@ -143,12 +155,15 @@ class NativeSink:
         """This socket as a sink for writes that are already whole frames."""
         return PreframedSink(self)
 
-    async def run_flusher(self) -> None:
-        while True:
-            await self._flush.wait()
-            self._flush = trio.Event()
-            async with self._lock:
-                await self._finish_pending()
+    async def flush(self) -> None:
+        """Send what a non-blocking write left unsent (blocks while the client does not read)."""
+        async with self._locked():
+            await self._finish_pending()
+
+    def _locked(self) -> trio.Lock:
+        if self._lock is None:
+            self._lock = trio.Lock()
+        return self._lock
 
     async def _finish_pending(self) -> None:
         if self._pending:
@@ -172,6 +187,71 @@ class PreframedSink:
     async def write(self, data: bytes) -> None:
         await self._sink.write_raw(data)
 
+    @property
+    def pending(self) -> bool:
+        return self._sink.pending
+
+    async def flush(self) -> None:
+        await self._sink.flush()
+
+
+class Hangups:
+    """One task that notices SSE and NDJSON clients leaving, for all of them: their sockets are
+    in an epoll set of our own, whose descriptor trio watches. A client sends nothing after its
+    request, so a readable socket is one that was closed or reset (its connection's cancel scope
+    is cancelled) or that sent bytes nobody asked for (read and dropped, as the ASGI path does).
+    A reading task per connection cost ~4 KB and a task switch per connection (decisions #22)."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._watched: dict[int, tuple[trio.socket.SocketType, trio.CancelScope]] = {}
+        self._closing = False
+        self._scope = trio.CancelScope()
+
+    def watch(self, sock: trio.socket.SocketType, scope: trio.CancelScope) -> None:
+        fd = sock.fileno()
+        self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+        self._watched[fd] = (sock, scope)
+
+    def unwatch(self, sock: trio.socket.SocketType) -> None:
+        fd = sock.fileno()
+        if self._watched.pop(fd, None) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(fd)
+        if self._closing and not self._watched:
+            self._scope.cancel()
+
+    def close(self) -> None:
+        """The server is stopping: return once nothing is watched any more."""
+        self._closing = True
+        if not self._watched:
+            self._scope.cancel()
+
+    async def run(self) -> None:
+        with self._scope:
+            while True:
+                await trio.lowlevel.wait_readable(self._epoll.fileno())
+                for fd, mask in self._epoll.poll(0):
+                    self._ready(fd, mask)
+        self._epoll.close()
+
+    def _ready(self, fd: int, mask: int) -> None:
+        watched = self._watched.get(fd)
+        if watched is None:
+            return
+        sock, scope = watched
+        gone = bool(mask & (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR))
+        if not gone:
+            try:
+                gone = not os.read(fd, 4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                gone = True
+        if gone:
+            self.unwatch(sock)
+            scope.cancel()
+
 
 def native_kind(request: h11.Request) -> str | None:
     """"http" or "websocket" when this request is served here, else None."""
@@ -186,9 +266,35 @@ def native_kind(request: h11.Request) -> str | None:
 
 
 async def handle(
-    stream: trio.SocketStream, *, app: ASGIApp, fallback: Fallback, max_ws_message: int
+    stream: trio.SocketStream,
+    *,
+    app: ASGIApp,
+    fallback: Fallback,
+    max_ws_message: int,
+    hangups: Hangups,
 ) -> None:
     """One accepted connection: read its request head, then serve it here or hand it over."""
+    request, head = await _read_head(stream)
+    kind = native_kind(request) if request is not None else None
+    if request is None or kind is None:
+        return await fallback(PrefixedStream(stream, head))
+    try:
+        if kind == "http":
+            serve = _serve_http(stream, request, app, hangups)
+        else:
+            serve = _serve_websocket(stream, request, head, app, max_ws_message)
+        del request, head  # an idle stream keeps only what its handler kept
+        await serve
+    except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass  # the client went away, or its connection was cut
+    except* Exception:
+        logger.exception("native connection failed")
+    finally:
+        await stream.aclose()
+
+
+async def _read_head(stream: trio.SocketStream) -> tuple[h11.Request | None, bytes]:
+    """The request (None if there is none, or not a valid one) and every byte read."""
     parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
     head = b""
     event: Any = h11.NEED_DATA
@@ -203,20 +309,7 @@ async def handle(
                     break
     except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
         event = None
-    kind = native_kind(event) if isinstance(event, h11.Request) else None
-    if kind is None:
-        return await fallback(PrefixedStream(stream, head))
-    try:
-        if kind == "http":
-            await _serve_http(stream, event, app)
-        else:
-            await _serve_websocket(stream, event, head, app, max_ws_message)
-    except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass  # the client went away, or its connection was cut
-    except* Exception:
-        logger.exception("native connection failed")
-    finally:
-        await stream.aclose()
+    return (event if isinstance(event, h11.Request) else None), head
 
 
 def _scope(stream: trio.SocketStream, request: h11.Request, kind: str) -> Scope:
@@ -248,12 +341,15 @@ def _scope(stream: trio.SocketStream, request: h11.Request, kind: str) -> Scope:
     return scope
 
 
-async def _serve_http(stream: trio.SocketStream, request: h11.Request, app: ASGIApp) -> None:
+async def _serve_http(
+    stream: trio.SocketStream, request: h11.Request, app: ASGIApp, hangups: Hangups
+) -> None:
     scope = _scope(stream, request, "http")
     chunked = request.http_version != b"1.0"  # an HTTP/1.0 body ends with the connection
     sink = NativeSink(stream, chunk if chunked else _identity)
     scope["extensions"]["broker.native"] = sink
     head_only = request.method == b"HEAD"
+    del request  # held for the stream's whole life otherwise
     asked = False
 
     async def receive() -> Message:
@@ -281,10 +377,15 @@ async def _serve_http(stream: trio.SocketStream, request: h11.Request, app: ASGI
             data = b"".join(sink.frame(body)) if body else b""
             await sink.write_raw(data + (b"0\r\n\r\n" if last and chunked else b""))
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(sink.run_flusher)
-        await app(scope, receive, send)
-        nursery.cancel_scope.cancel()
+    # The client sends nothing after its request: it is not read by a task of its own, but
+    # watched with every other stream by `Hangups`, which cancels this when it leaves.
+    sink.watched = True
+    with trio.CancelScope() as connection:
+        hangups.watch(stream.socket, connection)
+        try:
+            await app(scope, receive, send)
+        finally:
+            hangups.unwatch(stream.socket)
 
 
 async def _serve_websocket(
@@ -369,7 +470,4 @@ async def _serve_websocket(
         elif kind == "websocket.http.response.body":
             await sink.write_raw(connection.send(wse.RejectData(data=message.get("body", b""))))
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(sink.run_flusher)
-        await app(scope, receive, send)
-        nursery.cancel_scope.cancel()
+    await app(scope, receive, send)

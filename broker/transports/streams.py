@@ -2,7 +2,8 @@
 
 The response is one long body. The writer (`Outlet.run`) and a watcher of ``receive`` run side
 by side: when the client goes away hypercorn says ``http.disconnect``, the watcher cancels the
-writer, and the subscription is released in ``finally`` at once.
+writer, and the subscription is released in ``finally`` at once. On the native path there is no
+watcher task: `native.Hangups` notices the client leaving and cancels the whole request.
 """
 
 from __future__ import annotations
@@ -83,18 +84,22 @@ async def serve(
         await sink.write(preamble)
         outlet.attach(sub, greeting=framing.render(sub, greeting))
         reason = CloseReason.GONE
-        async with trio.open_nursery() as nursery:
-
-            async def watch() -> None:
-                nonlocal gone
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                gone = True
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(watch)
+        if getattr(sink, "watched", False):
+            # The native path notices the client leaving by itself, and cancels us.
             reason = await outlet.run()
-            nursery.cancel_scope.cancel()
+        else:
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    nonlocal gone
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    gone = True
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
+                reason = await outlet.run()
+                nursery.cancel_scope.cancel()
     if gone:
         return
     final = b""

@@ -20,7 +20,7 @@ def test_the_tiny_plan_runs_every_scenario_and_writes_its_record(tmp_path: Path)
     assert record["commit"] and record["machine"]["cores"] and record["command"]
     results = record["results"]
     assert set(results) == {
-        "capacity", "fanout", "grpc", "idle", "publish", "cluster", "slow", "topics"}
+        "capacity", "fanout", "grpc", "idle", "publish", "cluster", "slow", "topics", "latency"}
     for kind in ("topics", "patterns"):
         first = results["topics"][kind]["steps"][0]
         assert first["lost"] == 0 and first["received"] == first["published"], first
@@ -40,7 +40,11 @@ def test_the_tiny_plan_runs_every_scenario_and_writes_its_record(tmp_path: Path)
     assert all(r["steps"][0]["lost"] == 0 for r in results["cluster"].values())
     slow = results["slow"]
     assert slow["all_received"] and slow["others_lost"] == 0 and slow["paused"] == 2, slow
+    for path in ("embedded http-batch", "embedded http", "nats"):
+        r = results["latency"][path]
+        assert r["lost"] == 0 and r["received"] == r["published"] * 100 > 0, (path, r)
     summary = (tmp_path / "latest-tiny.md").read_text()
+    assert "## Latency at a light load" in summary
     assert "| broker | sse | 10 |" in summary
     for plot in ("fanout", "latency", "idle"):
         assert (tmp_path / f"latest-tiny-{plot}.png").stat().st_size > 5000
