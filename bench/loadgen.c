@@ -409,6 +409,7 @@ int main(int argc, char **argv) {
                 else if (!strncmp(line, "pause ", 6)) {
                     /* stop reading every k-th connection (not the sampled ones): a slow reader */
                     int k = atoi(line + 6), paused = 0;
+                    for (int i = 0; i < n_conns; i++) conns[i].paused = 0;  /* a new group */
                     for (int i = 0; k > 0 && i < n_conns; i++) {
                         conn_t *c = &conns[i];
                         if (i % k != k / 2 || c->closed || c->sampled) continue;

@@ -655,48 +655,68 @@ def scenario_slow(plan: Plan) -> dict[str, Any]:
         if Path(loadgen_argv()[-1]).name != "loadgen":
             return {"error": "needs the C load generator (pause/resume)"}
         baseline = step(target, subs, rate, plan.seconds * 2, mode="http-batch")
-        subs.command("reset")
-        paused = subs.command("pause 10")["paused"]
         rss_before = target.rss()
-        sent = publish(target, "http-batch", count, rate)["published"]
-        active = n - paused
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            during = subs.command("report")
-            if during["received"] - during["paused_received"] >= sent * active:
-                break
-            time.sleep(0.05)
-        rss_paused = target.rss()
-        behind = sent * paused - during["paused_received"]
-        started = time.monotonic()
-        subs.command("resume")
-        deadline = started + 300
-        while time.monotonic() < deadline:
-            after = subs.command("report")
-            if after["received"] >= sent * n:
-                break
-            time.sleep(0.02)
-        seconds = time.monotonic() - started
+        paused, sent, during, rss_paused, behind, seconds, after = _stop_and_catch_up(
+            target, subs, 10, count, rate)
+        # and a reader on its own (every replayed event is its alone: nothing shared)
+        alone = _stop_and_catch_up(target, subs, n - 1, count, rate)
         subs.close()
         result = {
             "subscribers": n, "paused": paused, "rate": rate, "published": sent,
             "all_reading_p99_ms": baseline.latency.get("p99_ms"),
             "others_p99_ms": during["latency"].get("p99_ms"),
-            "others_lost": max(0, sent * active - (during["received"] -
-                                                    during["paused_received"])),
+            "others_lost": max(0, sent * (n - paused) - (during["received"] -
+                                                          during["paused_received"])),
             "rss_mb_before": round(rss_before / 2**20, 1),
             "rss_mb_while_stopped": round(rss_paused / 2**20, 1),
             "behind_when_resumed": behind, "catchup_seconds": round(seconds, 3),
             "catchup_msgs_per_second": round(behind / seconds) if seconds else 0,
             "all_received": after["received"] >= sent * n,
+            "alone_paused": alone[0], "alone_behind": alone[4],
+            "alone_catchup_msgs_per_second": round(alone[4] / alone[5]) if alone[5] else 0,
+            "alone_all_received": alone[6]["received"] >= alone[1] * n,
+            "catchup_server_cpu_percent": after["server_cpu_percent"],
+            "alone_catchup_server_cpu_percent": alone[6]["server_cpu_percent"],
         }
         log(f"  slow readers: {paused} of {n} stopped; the others' p99 "
             f"{result['all_reading_p99_ms']} -> {result['others_p99_ms']} ms; RSS "
             f"{result['rss_mb_before']} -> {result['rss_mb_while_stopped']} MB; caught up "
-            f"{behind:,} messages at {result['catchup_msgs_per_second']:,} msg/s")
+            f"{behind:,} messages at {result['catchup_msgs_per_second']:,} msg/s; one alone "
+            f"caught up {alone[4]:,} at {result['alone_catchup_msgs_per_second']:,} msg/s")
         return result
     finally:
         target.stop()
+
+
+def _stop_and_catch_up(target: Target, subs: Subscribers, k: int, count: int,
+                       rate: float) -> tuple[int, int, dict[str, Any], int, int, float,
+                                             dict[str, Any]]:
+    """Stop every ``k``-th subscriber, publish ``count`` at ``rate``, wait for the others, then
+    let the stopped ones read: (paused, sent, report while stopped, RSS while stopped, messages
+    they were behind, seconds to catch up, report after)."""
+    subs.command("reset")
+    paused = subs.command(f"pause {k}")["paused"]
+    sent = publish(target, "http-batch", count, rate)["published"]
+    active = subs.n - paused
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        during = subs.command("report")
+        if during["received"] - during["paused_received"] >= sent * active:
+            break
+        time.sleep(0.05)
+    rss_paused = target.rss()
+    behind = sent * paused - during["paused_received"]
+    started, cpu = time.monotonic(), target.cpu_seconds()
+    subs.command("resume")
+    deadline = started + 300
+    while time.monotonic() < deadline:
+        after = subs.command("report")
+        if after["received"] >= sent * subs.n:
+            break
+        time.sleep(0.02)
+    seconds = time.monotonic() - started
+    after["server_cpu_percent"] = round(100 * (target.cpu_seconds() - cpu) / seconds, 1)
+    return paused, sent, during, rss_paused, behind, seconds, after
 
 
 SCENARIOS: dict[str, Callable[[Plan], dict[str, Any]]] = {

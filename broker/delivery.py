@@ -85,8 +85,8 @@ class Framing:
                     frames.append(item.joined(fmt))
                 else:
                     frames.extend(item.frames(fmt))
-            elif isinstance(item, Event):
-                frames.append(fmt.encode(item))
+            elif isinstance(item, Event):  # a replayed event (catch-up)
+                frames.append(fmt.encode_replayed(item))
             elif isinstance(item, Gap):
                 frames.append(self._gap(sub, item))
             else:

@@ -48,6 +48,11 @@ def encode_event(event: Event, epoch: str) -> bytes:
         except UnicodeDecodeError:
             # EventSource can only carry text: binary goes as base64, which has no line breaks.
             payload = base64.b64encode(payload)
+    if payload and b"\n" not in payload and b"\r" not in payload:  # the usual case, in one go
+        if event.event is None:
+            return b"id: %s:%d\ndata: %s\n\n" % (epoch.encode(), event.seq, payload)
+        return b"id: %s:%d\nevent: %s\ndata: %s\n\n" % (
+            epoch.encode(), event.seq, event.event.encode(), payload)
     if event.event is None:
         head = b"id: %s:%d\n" % (epoch.encode(), event.seq)
     else:

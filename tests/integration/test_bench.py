@@ -40,6 +40,7 @@ def test_the_tiny_plan_runs_every_scenario_and_writes_its_record(tmp_path: Path)
     assert all(r["steps"][0]["lost"] == 0 for r in results["cluster"].values())
     slow = results["slow"]
     assert slow["all_received"] and slow["others_lost"] == 0 and slow["paused"] == 2, slow
+    assert slow["alone_all_received"] and slow["alone_paused"] == 1, slow
     for path in ("embedded http-batch", "embedded http", "nats"):
         r = results["latency"][path]
         assert r["lost"] == 0 and r["received"] == r["published"] * 100 > 0, (path, r)

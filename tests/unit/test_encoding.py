@@ -160,3 +160,33 @@ def test_after_with_gaps_in_seqs() -> None:
 def test_run_repr() -> None:
     (run,) = split_runs(make_events(["a"] * 3))
     assert repr(run) == "Run('a', 1..3, n=3)"
+
+
+# -- replays ---------------------------------------------------------------------------------
+
+
+def test_a_replayed_event_is_encoded_once_for_every_reader() -> None:
+    fmt = CountingFormat()
+    events = make_events(["a"] * 1000)
+    for _reader in range(10):
+        assert [fmt.encode_replayed(e) for e in events] == [fmt.encode(e) for e in events]
+    assert fmt.calls.count(1) == 1 + 10  # once replayed, then once per direct encode above
+
+
+def test_replayed_encodings_are_bounded_by_count_and_by_bytes() -> None:
+    import broker.encoding as encoding
+
+    fmt = CountingFormat()
+    events = make_events(["a"] * (2 * encoding.RECENT_EVENTS + 1))
+    for event in events:
+        fmt.encode_replayed(event)
+    fmt.encode_replayed(events[0])  # two generations later: forgotten, encoded again
+    assert fmt.calls.count(1) == 2
+    fmt.encode_replayed(events[-1])  # the newest: remembered
+    assert fmt.calls.count(events[-1].seq) == 1
+
+    big = Format("big", lambda e: b"x" * (encoding.RECENT_BYTES // 4))
+    for event in events[:20]:
+        big.encode_replayed(event)
+    held = sum(map(len, big._recent.values())) + sum(map(len, big._older.values()))
+    assert held <= 2 * encoding.RECENT_BYTES
