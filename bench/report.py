@@ -124,6 +124,12 @@ def markdown(record: dict[str, Any]) -> str:
                   f"{slow['others_lost']} | {slow['rss_mb_before']} MB | "
                   f"{slow['rss_mb_while_stopped']} MB | {slow['behind_when_resumed']:,} | "
                   f"{slow['catchup_msgs_per_second']:,} | {slow['all_received']} |", ""]
+        if "alone_catchup_msgs_per_second" in slow:
+            lines += [f"One reader stopped alone ({slow['alone_behind']:,} messages behind) "
+                      f"caught up at {slow['alone_catchup_msgs_per_second']:,} msg/s (broker "
+                      f"CPU {slow['alone_catchup_server_cpu_percent']} %; the ten together: "
+                      f"{slow['catchup_server_cpu_percent']} %); all received: "
+                      f"{slow['alone_all_received']}.", ""]
     latency = results.get("latency")
     if latency:
         lines += ["## Latency at a light load", "",

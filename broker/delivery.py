@@ -52,6 +52,10 @@ class DirectSink(Sink, Protocol):
     async def flush(self) -> None: ...
 
 
+class Cutter(Protocol):
+    def cut(self, addr: tuple[object, ...] | None) -> bool: ...
+
+
 class Framing:
     """How a transport turns subscription items into writes.
 
@@ -211,8 +215,9 @@ class Outlet:
         self.blocked_since: float | None = None
         # Where an outlet blocked in a write is listed, for the watchdog (set by the node).
         self.blocked_outlets: set[Outlet] = set()
-        # Severs the connection when a write is stuck (set by the transport).
-        self.cut: Callable[[], bool] = lambda: False
+        # By which `cut` severs the connection when a write is stuck (set by the node).
+        self.client: tuple[object, ...] | None = None
+        self.connections: Cutter | None = None
         self._greetings: list[bytes] = []  # frames to write before anything else
         self._direct = sink if isinstance(sink, DirectSink) else None
         # The writer's task while it is parked with nothing to do (woken by `_wake`); no
@@ -246,6 +251,13 @@ class Outlet:
         self.framing = framing
         for sub in self.subscriptions.values():
             sub.reset(epoch)
+
+    def cut(self) -> bool:
+        """Sever this connection (a write is stuck); False if it cannot be found. The gRPC
+        transport replaces this with its own."""
+        if self.connections is None:
+            return False
+        return self.connections.cut(self.client)
 
     def drain(self) -> None:
         self.draining = True

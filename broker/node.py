@@ -6,8 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -26,6 +25,7 @@ from broker.transports.listener import ConnectionRegistry
 from broker.wire import ndjson, pb, sse, ws
 
 logger = logging.getLogger("broker.node")
+FILTER_CACHE = 4096  # parsed filters kept for sharing (the whole cache is dropped when full)
 
 
 class Framings:
@@ -116,6 +116,20 @@ def _ws_reset(codec: ws.Codec, sub: Subscription, reset: Reset) -> bytes:
     )
 
 
+class _Registered:
+    __slots__ = ("_node", "_outlet")
+
+    def __init__(self, node: Node, outlet: Outlet) -> None:
+        self._node = node
+        self._outlet = outlet
+
+    def __enter__(self) -> Outlet:
+        return self._outlet
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._node._release(self._outlet)
+
+
 class Node:
     def __init__(self, settings: Settings, log: Log) -> None:
         self.settings = settings
@@ -130,6 +144,7 @@ class Node:
         self.blocked_outlets: set[Outlet] = set()  # each in a write that would block
         self.draining = False
         self._framings = Framings(log.epoch)
+        self._filters: dict[tuple[str, ...], Filter] = {}
         self._ids = itertools.count(1)
         self._outlets_changed = trio.lowlevel.ParkingLot()
         # The kernel's TCP_USER_TIMEOUT is the backstop (it also bounds zero-window probing on
@@ -173,7 +188,15 @@ class Node:
     # -- subscribe -----------------------------------------------------------------------------
 
     def parse_filter(self, subjects: Sequence[str]) -> Filter:
-        return Filter.parse(subjects, max_topics=self.settings.max_topics_per_subscription)
+        """Filters are immutable: subscribers of the same topics share one (~400 bytes each)."""
+        key = tuple(subjects)
+        cached = self._filters.get(key)
+        if cached is None:
+            cached = Filter.parse(subjects, max_topics=self.settings.max_topics_per_subscription)
+            if len(self._filters) >= FILTER_CACHE:
+                self._filters.clear()
+            self._filters[key] = cached
+        return cached
 
     def open_subscription(
         self,
@@ -221,7 +244,6 @@ class Node:
         )
         return sub, greeting
 
-    @contextmanager
     def outlet(
         self,
         sink: Sink,
@@ -231,8 +253,9 @@ class Node:
         page_events: int | None = None,
         client: tuple[Any, ...] | None = None,
         heartbeat: bytes | None = None,
-    ) -> Iterator[Outlet]:
-        """An outlet registered for metrics and drain; always released on exit.
+    ) -> _Registered:
+        """An outlet registered for metrics and drain, as a context manager that always
+        releases it on exit (a class, not a generator: it lives as long as the connection).
 
         ``heartbeat`` is written after ``heartbeat_seconds`` of silence (None: never);
         ``client`` is the peer's address (ASGI ``scope["client"]``), by which a write that
@@ -250,21 +273,21 @@ class Node:
             on_delivered=self.metrics.count_delivered,
         )
         if client is not None:
-            outlet.cut = partial(self.connections.cut, client)
+            outlet.client, outlet.connections = client, self.connections
         outlet.blocked_outlets = self.blocked_outlets
         self.outlets.add(outlet)
         if heartbeat is not None:
             self.heartbeats.outlets.add(outlet)
         self.metrics.count_connection(transport)
-        try:
-            yield outlet
-        finally:
-            self.heartbeats.outlets.discard(outlet)
-            for sub in outlet.subscriptions.values():
-                self.metrics.absorb(sub)
-            outlet.close()
-            self.outlets.discard(outlet)
-            self._outlets_changed.unpark_all()
+        return _Registered(self, outlet)
+
+    def _release(self, outlet: Outlet) -> None:
+        self.heartbeats.outlets.discard(outlet)
+        for sub in outlet.subscriptions.values():
+            self.metrics.absorb(sub)
+        outlet.close()
+        self.outlets.discard(outlet)
+        self._outlets_changed.unpark_all()
 
     # -- publish -------------------------------------------------------------------------------
 

@@ -128,25 +128,26 @@ def create_app(node: Node, quart_app: ASGIApp) -> ASGIApp:
     from broker.transports import streams, websocket
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        # One frame between the server and a stream's handler: a stream's frames live as long
+        # as the connection, so each one is memory per subscriber.
         path = scope.get("path", "")
         if scope["type"] == "http":
             if path in ("/v1/sse", "/v1/ndjson"):
-                return await _stream(scope, receive, send, path.rsplit("/", 1)[1], None)
-            match = _TOPIC_STREAM.match(path)
-            if match is not None:
-                return await _stream(scope, receive, send, match[2], match[1])
-        elif scope["type"] == "websocket" and path == "/v1/ws":
+                transport, topic = path.rsplit("/", 1)[1], None
+            elif (match := _TOPIC_STREAM.match(path)) is not None:
+                transport, topic = match[2], match[1]
+            else:
+                return await quart_app(scope, receive, send)
+            if scope["method"] not in ("GET", "HEAD"):
+                error = RequestError(
+                    Problem.METHOD_NOT_ALLOWED, f"{scope['method']} is not allowed here; use GET"
+                )
+                return await send_problem(send, error, path)
+            return await streams.serve(
+                node, scope, receive, send, transport=transport, path_topic=topic
+            )
+        if scope["type"] == "websocket" and path == "/v1/ws":
             return await websocket.serve(node, scope, receive, send)
         await quart_app(scope, receive, send)
-
-    async def _stream(
-        scope: Scope, receive: Receive, send: Send, transport: str, topic: str | None
-    ) -> None:
-        if scope["method"] not in ("GET", "HEAD"):
-            error = RequestError(
-                Problem.METHOD_NOT_ALLOWED, f"{scope['method']} is not allowed here; use GET"
-            )
-            return await send_problem(send, error, scope["path"])
-        await streams.serve(node, scope, receive, send, transport=transport, path_topic=topic)
 
     return app

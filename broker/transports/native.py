@@ -49,6 +49,7 @@ _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method No
             503: b"Service Unavailable"}
 
 Fallback = Callable[[trio.abc.Stream], Awaitable[None]]
+_ASGI = {"version": "3.0"}  # shared by every scope (nobody writes to it)
 
 
 class PrefixedStream(trio.abc.HalfCloseableStream):
@@ -318,7 +319,7 @@ def _scope(stream: trio.SocketStream, request: h11.Request, kind: str) -> Scope:
     headers = [(name.lower(), value) for name, value in request.headers]
     scope: Scope = {
         "type": kind,
-        "asgi": {"version": "3.0"},
+        "asgi": _ASGI,
         "http_version": request.http_version.decode(),
         "method": request.method.decode(),
         "scheme": "http" if kind == "http" else "ws",
@@ -341,49 +342,59 @@ def _scope(stream: trio.SocketStream, request: h11.Request, kind: str) -> Scope:
     return scope
 
 
-async def _serve_http(
-    stream: trio.SocketStream, request: h11.Request, app: ASGIApp, hangups: Hangups
-) -> None:
-    scope = _scope(stream, request, "http")
-    chunked = request.http_version != b"1.0"  # an HTTP/1.0 body ends with the connection
-    sink = NativeSink(stream, chunk if chunked else _identity)
-    scope["extensions"]["broker.native"] = sink
-    head_only = request.method == b"HEAD"
-    del request  # held for the stream's whole life otherwise
-    asked = False
+class _Exchange:
+    """One native HTTP stream's ASGI ``receive`` and ``send`` (an object, not two closures: it
+    lives as long as the stream)."""
 
-    async def receive() -> Message:
-        nonlocal asked
-        if not asked:
-            asked = True
+    __slots__ = ("asked", "chunked", "head_only", "sink", "stream")
+
+    def __init__(self, stream: trio.SocketStream, request: h11.Request) -> None:
+        self.stream = stream
+        self.chunked = request.http_version != b"1.0"  # an HTTP/1.0 body ends with the connection
+        self.head_only = request.method == b"HEAD"
+        self.sink = NativeSink(stream, chunk if self.chunked else _identity)
+        self.asked = False
+
+    async def receive(self) -> Message:
+        if not self.asked:
+            self.asked = True
             return {"type": "http.request", "body": b"", "more_body": False}
         # nothing more is read from a stream's client: wait for it to leave
-        while await stream.receive_some(4096):
+        while await self.stream.receive_some(4096):
             pass
         return {"type": "http.disconnect"}
 
-    async def send(message: Message) -> None:
+    async def send(self, message: Message) -> None:
+        sink = self.sink
         if message["type"] == "http.response.start":
             status = message["status"]
             lines = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b""))]
             lines += [b"%s: %s" % (name, value) for name, value in message.get("headers", ())]
-            if chunked:
+            if self.chunked:
                 lines.append(b"transfer-encoding: chunked")
             lines += [b"connection: close", b"", b""]
             await sink.write_raw(b"\r\n".join(lines))
-        elif message["type"] == "http.response.body" and not head_only:
+        elif message["type"] == "http.response.body" and not self.head_only:
             body = message.get("body", b"")
             last = not message.get("more_body", False)
             data = b"".join(sink.frame(body)) if body else b""
-            await sink.write_raw(data + (b"0\r\n\r\n" if last and chunked else b""))
+            await sink.write_raw(data + (b"0\r\n\r\n" if last and self.chunked else b""))
 
+
+async def _serve_http(
+    stream: trio.SocketStream, request: h11.Request, app: ASGIApp, hangups: Hangups
+) -> None:
+    scope = _scope(stream, request, "http")
+    exchange = _Exchange(stream, request)
+    del request  # held for the stream's whole life otherwise
+    scope["extensions"]["broker.native"] = exchange.sink
     # The client sends nothing after its request: it is not read by a task of its own, but
     # watched with every other stream by `Hangups`, which cancels this when it leaves.
-    sink.watched = True
+    exchange.sink.watched = True
     with trio.CancelScope() as connection:
         hangups.watch(stream.socket, connection)
         try:
-            await app(scope, receive, send)
+            await app(scope, exchange.receive, exchange.send)
         finally:
             hangups.unwatch(stream.socket)
 
