@@ -316,7 +316,7 @@ async def _read_head(stream: trio.SocketStream) -> tuple[h11.Request | None, byt
 def _scope(stream: trio.SocketStream, request: h11.Request, kind: str) -> Scope:
     path, _, query = request.target.partition(b"?")
     sock = stream.socket
-    headers = [(name.lower(), value) for name, value in request.headers]
+    headers = list(request.headers)  # h11 gives the names lowercased, as ASGI wants them
     scope: Scope = {
         "type": kind,
         "asgi": _ASGI,
@@ -329,7 +329,7 @@ def _scope(stream: trio.SocketStream, request: h11.Request, kind: str) -> Scope:
         "root_path": "",
         "headers": headers,
         "client": tuple(sock.getpeername()),
-        "server": tuple(sock.getsockname()),
+        "server": None,  # optional in ASGI; nothing here reads it
         "extensions": {},
     }
     if kind == "websocket":

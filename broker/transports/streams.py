@@ -83,6 +83,7 @@ async def serve(
             preamble = ndjson.encode_control("hello", epoch=node.log.epoch, position=position)
         await sink.write(preamble)
         outlet.attach(sub, greeting=framing.render(sub, greeting))
+        del request, greeting, position, preamble  # this frame lives as long as the stream
         reason = CloseReason.GONE
         if getattr(sink, "watched", False):
             # The native path notices the client leaving by itself, and cancels us.
