@@ -349,7 +349,7 @@ class Plan:
     baselines: bool = True
     idle_connections: tuple[int, ...] = (10000,)
     publish_count: int = 50000
-    max_steps: int = 12
+    max_steps: int = 16
     idle_seconds: float = 16.0
     topics: int = 10000
     slow_subscribers: int = 100
