@@ -229,12 +229,14 @@ class Hangups:
             self._scope.cancel()
 
     async def run(self) -> None:
-        with self._scope:
-            while True:
-                await trio.lowlevel.wait_readable(self._epoll.fileno())
-                for fd, mask in self._epoll.poll(0):
-                    self._ready(fd, mask)
-        self._epoll.close()
+        try:
+            with self._scope:
+                while True:
+                    await trio.lowlevel.wait_readable(self._epoll.fileno())
+                    for fd, mask in self._epoll.poll(0):
+                        self._ready(fd, mask)
+        finally:
+            self._epoll.close()
 
     def _ready(self, fd: int, mask: int) -> None:
         watched = self._watched.get(fd)
