@@ -405,8 +405,11 @@ async def _serve_websocket(
     stream: trio.SocketStream, request: h11.Request, head: bytes, app: ASGIApp, max_message: int
 ) -> None:
     scope = _scope(stream, request, "websocket")
-    connection = wsproto.WSConnection(ConnectionType.SERVER)
+    # The handshake's object (an h11 connection inside) until the upgrade, then only the frame
+    # protocol: the handshake's state is ~4 KB that an open socket need not keep.
+    connection: Any = wsproto.WSConnection(ConnectionType.SERVER)
     connection.receive_data(head)
+    del request, head  # held for the socket's whole life otherwise
     events: Iterator[wse.Event] = connection.events()
     if not isinstance(next(events, None), wse.Request):  # wsproto refused the handshake
         await stream.send_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
@@ -463,10 +466,14 @@ async def _serve_websocket(
 
     async def send(message: Message) -> None:
         kind = message["type"]
+        nonlocal connection, events
         if kind == "websocket.accept":
             subprotocol = message.get("subprotocol")
             sink.frame = ws_binary if subprotocol == "broker.v1.msgpack" else ws_text
-            await sink.write_raw(connection.send(wse.AcceptConnection(subprotocol=subprotocol)))
+            accept = connection.send(wse.AcceptConnection(subprotocol=subprotocol))
+            connection = connection.connection  # frames from here on (bytes already read too)
+            events = connection.events()
+            await sink.write_raw(accept)
         elif kind == "websocket.send":
             text = message.get("text")
             if text is not None:
