@@ -283,11 +283,22 @@ async def handle(
         return await fallback(PrefixedStream(stream, head))
     try:
         if kind == "http":
-            serve = _serve_http(stream, request, app, hangups)
+            # Served in this frame, not in a coroutine of its own: each frame a stream keeps
+            # is memory per subscriber.
+            scope, exchange = _http_exchange(stream, request)
+            del request, head
+            # The client sends nothing after its request: it is not read by a task of its own,
+            # but watched with every other stream by `Hangups`, which cancels this if it leaves.
+            with trio.CancelScope() as connection:
+                hangups.watch(stream.socket, connection)
+                try:
+                    await app(scope, exchange.receive, exchange.send)
+                finally:
+                    hangups.unwatch(stream.socket)
         else:
             serve = _serve_websocket(stream, request, head, app, max_ws_message)
-        del request, head  # an idle stream keeps only what its handler kept
-        await serve
+            del request, head  # an idle socket keeps only what its handler kept
+            await serve
     except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass  # the client went away, or its connection was cut
     except* Exception:
@@ -383,22 +394,12 @@ class _Exchange:
             await sink.write_raw(data + (b"0\r\n\r\n" if last and self.chunked else b""))
 
 
-async def _serve_http(
-    stream: trio.SocketStream, request: h11.Request, app: ASGIApp, hangups: Hangups
-) -> None:
+def _http_exchange(stream: trio.SocketStream, request: h11.Request) -> tuple[Scope, _Exchange]:
     scope = _scope(stream, request, "http")
     exchange = _Exchange(stream, request)
-    del request  # held for the stream's whole life otherwise
     scope["extensions"]["broker.native"] = exchange.sink
-    # The client sends nothing after its request: it is not read by a task of its own, but
-    # watched with every other stream by `Hangups`, which cancels this when it leaves.
     exchange.sink.watched = True
-    with trio.CancelScope() as connection:
-        hangups.watch(stream.socket, connection)
-        try:
-            await app(scope, exchange.receive, exchange.send)
-        finally:
-            hangups.unwatch(stream.socket)
+    return scope, exchange
 
 
 async def _serve_websocket(
