@@ -211,6 +211,7 @@ class Outlet:
         self._on_delivered = on_delivered
         self.subscriptions: dict[str, Subscription] = {}
         self.draining = False
+        self.gone = False
         # When the current write started blocking (trio clock), for the stalled-write watchdog.
         self.blocked_since: float | None = None
         # Where an outlet blocked in a write is listed, for the watchdog (set by the node).
@@ -261,6 +262,11 @@ class Outlet:
 
     def drain(self) -> None:
         self.draining = True
+        self._wake()
+
+    def hang_up(self) -> None:
+        """The client has gone (the native path saw its socket close): the writer ends."""
+        self.gone = True
         self._wake()
 
     def _wake(self) -> None:
@@ -332,6 +338,8 @@ class Outlet:
         while True:
             if progressed:
                 await trio.lowlevel.checkpoint()  # fairness: a busy writer still yields
+            if self.gone:
+                return CloseReason.GONE
             if self.draining:
                 return CloseReason.DRAINING
             if self._greetings:

@@ -103,6 +103,19 @@ class NativeSink:
 
     # SSE and NDJSON connections are watched for hang-ups by `Hangups`, not by a task of theirs.
     watched = False
+    hung_up = False
+    _on_hangup: Callable[[], None] | None = None
+
+    def notify_hangup(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when `Hangups` finds the client gone (at once if it has)."""
+        self._on_hangup = callback
+        if self.hung_up:
+            callback()
+
+    def hang_up(self) -> None:
+        self.hung_up = True
+        if self._on_hangup is not None:
+            self._on_hangup()
 
     def __init__(self, stream: trio.SocketStream, frame: Callable[[bytes], list[bytes]]) -> None:
         self._stream = stream
@@ -199,20 +212,21 @@ class PreframedSink:
 class Hangups:
     """One task that notices SSE and NDJSON clients leaving, for all of them: their sockets are
     in an epoll set of our own, whose descriptor trio watches. A client sends nothing after its
-    request, so a readable socket is one that was closed or reset (its connection's cancel scope
-    is cancelled) or that sent bytes nobody asked for (read and dropped, as the ASGI path does).
-    A reading task per connection cost ~4 KB and a task switch per connection (decisions #22)."""
+    request, so a readable socket is one that was closed or reset (its sink is told, and the
+    outlet's writer ends) or that sent bytes nobody asked for (read and dropped, as the ASGI path
+    does). A reading task per connection cost ~4 KB and a task switch per connection, a cancel
+    scope ~300 bytes (decisions #22)."""
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
-        self._watched: dict[int, tuple[trio.socket.SocketType, trio.CancelScope]] = {}
+        self._watched: dict[int, tuple[trio.socket.SocketType, NativeSink]] = {}
         self._closing = False
         self._scope = trio.CancelScope()
 
-    def watch(self, sock: trio.socket.SocketType, scope: trio.CancelScope) -> None:
+    def watch(self, sock: trio.socket.SocketType, sink: NativeSink) -> None:
         fd = sock.fileno()
         self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
-        self._watched[fd] = (sock, scope)
+        self._watched[fd] = (sock, sink)
 
     def unwatch(self, sock: trio.socket.SocketType) -> None:
         fd = sock.fileno()
@@ -242,7 +256,7 @@ class Hangups:
         watched = self._watched.get(fd)
         if watched is None:
             return
-        sock, scope = watched
+        sock, sink = watched
         gone = bool(mask & (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR))
         if not gone:
             try:
@@ -253,7 +267,7 @@ class Hangups:
                 gone = True
         if gone:
             self.unwatch(sock)
-            scope.cancel()
+            sink.hang_up()
 
 
 def native_kind(request: h11.Request) -> str | None:
@@ -288,13 +302,12 @@ async def handle(
             scope, exchange = _http_exchange(stream, request)
             del request, head
             # The client sends nothing after its request: it is not read by a task of its own,
-            # but watched with every other stream by `Hangups`, which cancels this if it leaves.
-            with trio.CancelScope() as connection:
-                hangups.watch(stream.socket, connection)
-                try:
-                    await app(scope, exchange.receive, exchange.send)
-                finally:
-                    hangups.unwatch(stream.socket)
+            # but watched with every other stream by `Hangups`, which tells the sink if it leaves.
+            hangups.watch(stream.socket, exchange.sink)
+            try:
+                await app(scope, exchange.receive, exchange.send)
+            finally:
+                hangups.unwatch(stream.socket)
         else:
             serve = _serve_websocket(stream, request, head, app, max_ws_message)
             del request, head  # an idle socket keeps only what its handler kept

@@ -3,7 +3,7 @@
 The response is one long body. The writer (`Outlet.run`) and a watcher of ``receive`` run side
 by side: when the client goes away hypercorn says ``http.disconnect``, the watcher cancels the
 writer, and the subscription is released in ``finally`` at once. On the native path there is no
-watcher task: `native.Hangups` notices the client leaving and cancels the whole request.
+watcher task: `native.Hangups` notices the client leaving and ends the writer.
 """
 
 from __future__ import annotations
@@ -86,8 +86,10 @@ async def serve(
         del request, greeting, position, preamble  # this frame lives as long as the stream
         reason = CloseReason.GONE
         if getattr(sink, "watched", False):
-            # The native path notices the client leaving by itself, and cancels us.
+            # The native path notices the client leaving by itself, and ends the writer.
+            sink.notify_hangup(outlet.hang_up)  # type: ignore[attr-defined]
             reason = await outlet.run()
+            gone = reason is CloseReason.GONE
         else:
             async with trio.open_nursery() as nursery:
 
