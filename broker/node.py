@@ -257,7 +257,8 @@ class Node:
         """An outlet registered for metrics and drain, as a context manager that always
         releases it on exit (a class, not a generator: it lives as long as the connection).
 
-        ``heartbeat`` is written after ``heartbeat_seconds`` of silence (None: never);
+        ``heartbeat`` is written by `Heartbeats` after ``heartbeat_seconds`` (to 1.25 x that)
+        of silence (None: never);
         ``client`` is the peer's address (ASGI ``scope["client"]``), by which a write that
         stays stuck is cut.
         """

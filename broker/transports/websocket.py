@@ -2,8 +2,8 @@
 
 Two tasks per socket: the reader parses client operations and answers them; the outlet's writer
 delivers events. Both write through one sink (hypercorn's, or the native path's socket), which
-serialises sends. A bad operation gets an
-``error`` frame and the socket stays open; only protocol-level faults close it.
+serialises sends. A bad operation gets an ``error`` frame and the socket stays open; only
+protocol-level faults close it.
 """
 
 from __future__ import annotations
