@@ -283,7 +283,9 @@ def step(target: Target, subs: Subscribers, rate: float, seconds: float, *, mode
     expected = sent["published"] * (fanout or subs.n)
     last, last_change = -1, time.monotonic()
     while True:
-        report = subs.command("report")
+        # "count", not "report": percentiles sort every sample, which would take the load
+        # generator away from its sockets while it is being timed
+        report = subs.command("count")
         if report["received"] >= expected:
             break
         if report["received"] != last:
@@ -294,6 +296,7 @@ def step(target: Target, subs: Subscribers, rate: float, seconds: float, *, mode
     elapsed = time.monotonic() - start
     cpu = target.cpu_seconds() - cpu0
     load_cpu = _cpu(load) - load0
+    report = subs.command("report")
     return Step(
         rate=rate, subscribers=subs.n, published=sent["published"],
         received=report["received"], lost=max(0, expected - report["received"]),
@@ -373,10 +376,10 @@ def scenario_capacity(plan: Plan) -> dict[str, Any]:
             subs = Subscribers(target, "sse", n, sample_every=1_000_000)
             load = psutil.Process(subs.process.pid)
             time.sleep(1.0)
-            start, first, cpu0 = time.monotonic(), subs.command("report")["received"], _cpu(load)
+            start, first, cpu0 = time.monotonic(), subs.command("count")["received"], _cpu(load)
             time.sleep(plan.seconds)
             seconds = time.monotonic() - start
-            got = subs.command("report")["received"] - first
+            got = subs.command("count")["received"] - first
             cpu = 100 * (_cpu(load) - cpu0) / seconds
             subs.close()
             out[label] = {"connections": n, "msgs_per_second": round(got / seconds),
@@ -459,7 +462,7 @@ def scenario_idle(plan: Plan) -> dict[str, Any]:
                 time.sleep(plan.idle_seconds)  # 16 s: at least one heartbeat round (15 s)
                 cpu = 100 * (target.cpu_seconds() - cpu0) / (time.monotonic() - t0)
                 per = (rss - base) / n
-                open_ = subs.command("report")["open"]
+                open_ = subs.command("count")["open"]
                 subs.close()
                 out.setdefault(transport, {})[str(n)] = {
                     "connections": open_, "rss_base_mb": round(base / 2**20, 1),
@@ -595,11 +598,14 @@ class _Group:
 
     def command(self, name: str) -> dict[str, Any]:
         answers = [f.command(name) for f in self.fleets]
-        if name != "report":
+        if name not in ("report", "count"):
             return answers[0]
+        received = sum(a["received"] for a in answers)
+        if name == "count":
+            return {"received": received, "latency": {"count": 0}}
         latencies = [a["latency"] for a in answers if a["latency"].get("count")]
         worst = max(latencies, key=lambda s: s["p99_ms"], default={"count": 0})
-        return {"received": sum(a["received"] for a in answers), "latency": worst}
+        return {"received": received, "latency": worst}
 
 
 class _Cpu:
@@ -700,17 +706,18 @@ def _stop_and_catch_up(target: Target, subs: Subscribers, k: int, count: int,
     active = subs.n - paused
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        during = subs.command("report")
+        during = subs.command("count")
         if during["received"] - during["paused_received"] >= sent * active:
             break
         time.sleep(0.05)
+    during = subs.command("report")
     rss_paused = target.rss()
     behind = sent * paused - during["paused_received"]
     started, cpu = time.monotonic(), target.cpu_seconds()
     subs.command("resume")
     deadline = started + 300
     while time.monotonic() < deadline:
-        after = subs.command("report")
+        after = subs.command("count")
         if after["received"] >= sent * subs.n:
             break
         time.sleep(0.02)
