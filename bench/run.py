@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 
@@ -662,8 +662,9 @@ def scenario_slow(plan: Plan) -> dict[str, Any]:
             return {"error": "needs the C load generator (pause/resume)"}
         baseline = step(target, subs, rate, plan.seconds * 2, mode="http-batch")
         rss_before = target.rss()
-        paused, sent, during, rss_paused, behind, seconds, after = _stop_and_catch_up(
-            target, subs, 10, count, rate)
+        ten = _stop_and_catch_up(target, subs, 10, count, rate)
+        paused, sent, during, after = ten.paused, ten.sent, ten.during, ten.after
+        behind, seconds = ten.behind, ten.seconds
         # and a reader on its own (every replayed event is its alone: nothing shared)
         alone = _stop_and_catch_up(target, subs, n - 1, count, rate)
         subs.close()
@@ -674,32 +675,41 @@ def scenario_slow(plan: Plan) -> dict[str, Any]:
             "others_lost": max(0, sent * (n - paused) - (during["received"] -
                                                           during["paused_received"])),
             "rss_mb_before": round(rss_before / 2**20, 1),
-            "rss_mb_while_stopped": round(rss_paused / 2**20, 1),
+            "rss_mb_while_stopped": round(ten.rss_paused / 2**20, 1),
             "behind_when_resumed": behind, "catchup_seconds": round(seconds, 3),
             "catchup_msgs_per_second": round(behind / seconds) if seconds else 0,
             "all_received": after["received"] >= sent * n,
-            "alone_paused": alone[0], "alone_behind": alone[4],
-            "alone_catchup_msgs_per_second": round(alone[4] / alone[5]) if alone[5] else 0,
-            "alone_all_received": alone[6]["received"] >= alone[1] * n,
+            "alone_paused": alone.paused, "alone_behind": alone.behind,
+            "alone_catchup_msgs_per_second": round(alone.behind / alone.seconds)
+            if alone.seconds else 0,
+            "alone_all_received": alone.after["received"] >= alone.sent * n,
             "catchup_server_cpu_percent": after["server_cpu_percent"],
-            "alone_catchup_server_cpu_percent": alone[6]["server_cpu_percent"],
+            "alone_catchup_server_cpu_percent": alone.after["server_cpu_percent"],
         }
         log(f"  slow readers: {paused} of {n} stopped; the others' p99 "
             f"{result['all_reading_p99_ms']} -> {result['others_p99_ms']} ms; RSS "
             f"{result['rss_mb_before']} -> {result['rss_mb_while_stopped']} MB; caught up "
             f"{behind:,} messages at {result['catchup_msgs_per_second']:,} msg/s; one alone "
-            f"caught up {alone[4]:,} at {result['alone_catchup_msgs_per_second']:,} msg/s")
+            f"caught up {alone.behind:,} at {result['alone_catchup_msgs_per_second']:,} msg/s")
         return result
     finally:
         target.stop()
 
 
+class CatchUp(NamedTuple):
+    paused: int  # subscribers stopped
+    sent: int  # messages published while they were
+    during: dict[str, Any]  # the load generator's report while they were stopped
+    rss_paused: int  # the broker's RSS then
+    behind: int  # messages the stopped ones had not read when they resumed
+    seconds: float  # until they had every one
+    after: dict[str, Any]  # the report then, with the broker's CPU during the catch-up
+
+
 def _stop_and_catch_up(target: Target, subs: Subscribers, k: int, count: int,
-                       rate: float) -> tuple[int, int, dict[str, Any], int, int, float,
-                                             dict[str, Any]]:
+                       rate: float) -> CatchUp:
     """Stop every ``k``-th subscriber, publish ``count`` at ``rate``, wait for the others, then
-    let the stopped ones read: (paused, sent, report while stopped, RSS while stopped, messages
-    they were behind, seconds to catch up, report after)."""
+    let the stopped ones read, and time that."""
     subs.command("reset")
     paused = subs.command(f"pause {k}")["paused"]
     sent = publish(target, "http-batch", count, rate)["published"]
@@ -723,7 +733,7 @@ def _stop_and_catch_up(target: Target, subs: Subscribers, k: int, count: int,
         time.sleep(0.02)
     seconds = time.monotonic() - started
     after["server_cpu_percent"] = round(100 * (target.cpu_seconds() - cpu) / seconds, 1)
-    return paused, sent, during, rss_paused, behind, seconds, after
+    return CatchUp(paused, sent, during, rss_paused, behind, seconds, after)
 
 
 SCENARIOS: dict[str, Callable[[Plan], dict[str, Any]]] = {

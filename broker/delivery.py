@@ -216,7 +216,8 @@ class Outlet:
         self.blocked_since: float | None = None
         # Where an outlet blocked in a write is listed, for the watchdog (set by the node).
         self.blocked_outlets: set[Outlet] = set()
-        # By which `cut` severs the connection when a write is stuck (set by the node).
+        # By which `cut` severs the connection when a write is stuck (set by the node, or by
+        # the gRPC transport for a call).
         self.client: tuple[object, ...] | None = None
         self.connections: Cutter | None = None
         self._greetings: list[bytes] = []  # frames to write before anything else
@@ -254,8 +255,7 @@ class Outlet:
             sub.reset(epoch)
 
     def cut(self) -> bool:
-        """Sever this connection (a write is stuck); False if it cannot be found. The gRPC
-        transport replaces this with its own."""
+        """Sever this connection (a write is stuck); False if it cannot be found."""
         if self.connections is None:
             return False
         return self.connections.cut(self.client)

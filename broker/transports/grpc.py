@@ -173,6 +173,18 @@ class GrpcSink:
             await self._write(data)
 
 
+class _EndCall:
+    """The `Cutter` of a gRPC call's outlet: a call has no socket of its own to shut down, so a
+    stuck write ends the call (its writer's cancel scope)."""
+
+    def __init__(self, scope: trio.CancelScope) -> None:
+        self._scope = scope
+
+    def cut(self, addr: tuple[object, ...] | None) -> bool:
+        self._scope.cancel()
+        return True
+
+
 class GrpcServer:
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -362,12 +374,7 @@ class GrpcServer:
     async def _deliver(self, outlet: Any) -> CloseReason:
         """Run the outlet's writer; a write stuck past the node's limit ends the call."""
         with trio.CancelScope() as scope:
-
-            def cut() -> bool:
-                scope.cancel()
-                return True
-
-            outlet.cut = cut
+            outlet.connections = _EndCall(scope)  # what `Outlet.cut` severs: this call
             return await outlet.run()  # type: ignore[no-any-return]
         raise CallEnded(
             grpc.StatusCode.DEADLINE_EXCEEDED,

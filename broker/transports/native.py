@@ -137,13 +137,13 @@ class NativeSink:
             return self.write_nowait(frames[0])
         return self.writev_nowait([part for data in frames for part in self.frame(data)])
 
-    def writev_nowait(self, parts: list[bytes]) -> bool:
+    def writev_nowait(self, parts: Sequence[bytes]) -> bool:
         """These bytes, as they are, in one ``writev`` now; False (nothing written) when the
         socket would block or a write is in progress. The sink finishes a partial write."""
         if self._pending or (self._lock is not None and self._lock.locked()):
             return False
         if len(parts) > _MAX_IOVEC:
-            parts = [b"".join(parts)]
+            parts = (b"".join(parts),)
         try:
             sent = os.writev(self._fd, parts)
         except OSError:  # would block, or the peer is gone (the async write will say so)
@@ -157,7 +157,7 @@ class NativeSink:
 
     async def write_raw(self, data: bytes) -> None:
         """Bytes as they are (a response head, a WebSocket handshake or close), in order."""
-        if self.writev_nowait([data]):
+        if self.writev_nowait((data,)):
             if self._pending:
                 await self.flush()
             return
@@ -193,10 +193,10 @@ class PreframedSink:
         self._sink = sink
 
     def write_nowait(self, data: bytes) -> bool:
-        return self._sink.writev_nowait([data])
+        return self._sink.writev_nowait((data,))
 
     def write_nowait_many(self, frames: Sequence[bytes]) -> bool:
-        return self._sink.writev_nowait(list(frames))
+        return self._sink.writev_nowait(frames)
 
     async def write(self, data: bytes) -> None:
         await self._sink.write_raw(data)
