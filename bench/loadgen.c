@@ -108,72 +108,52 @@ static size_t ws_frame(unsigned char *out, int opcode, const char *payload, size
     return h + n;
 }
 
-/* The application bytes: count markers, read stamps on sampled connections. */
-static void payload(conn_t *c, const char *p, size_t n, double t) {
-    for (size_t i = 0; i < n; i++) {
-        char ch = p[i];
+/* The application bytes: count markers, read the stamps after them on sampled connections.
+ * memchr finds each '{' (the payload's padding has none), and the marker and stamp are read
+ * byte by byte from there, carrying partial ones across reads: ~6 ns per event, where memmem
+ * took ~50 (half of this core at 9 M events/s). */
+static void app_bytes(conn_t *c, const char *p, size_t n, double t) {
+    const char *end = p + n;
+    while (p < end) {
         if (c->in_stamp) {
-            if ((ch >= '0' && ch <= '9') || ch == '.') {
-                if (c->stamp_len < 30) c->stamp[c->stamp_len++] = ch;
-                continue;
+            while (p < end && ((*p >= '0' && *p <= '9') || *p == '.')) {
+                if (c->stamp_len < 30) c->stamp[c->stamp_len++] = *p;
+                p++;
             }
+            if (p == end) return;
             c->stamp[c->stamp_len] = 0;
             if (n_samples < MAX_SAMPLES) samples[n_samples++] = t - strtod(c->stamp, NULL);
             c->in_stamp = 0;
         }
-        if (ch == MARKER[c->match]) {
+        if (c->match) {
+            if (*p != MARKER[c->match]) {
+                c->match = 0;  /* and this byte is looked at again, as a '{' perhaps */
+                continue;
+            }
+            p++;
             if (++c->match == 5) {
                 c->count++;
                 c->match = 0;
                 if (c->sampled) { c->in_stamp = 1; c->stamp_len = 0; }
             }
-        } else {
-            c->match = (ch == MARKER[0]) ? 1 : 0;
+            continue;
         }
+        const char *hit = memchr(p, '{', (size_t)(end - p));
+        if (!hit) return;
+        c->match = 1;
+        p = hit + 1;
     }
 }
 
-/* Fast path for unsampled connections: count markers with memmem, keeping a partial match. */
-static void count_only(conn_t *c, const char *p, size_t n) {
-    if (c->match) {  /* finish a marker begun in the previous read, byte by byte */
-        size_t i = 0;
-        while (i < n && c->match) {
-            if (p[i] == MARKER[c->match]) { if (++c->match == 5) { c->count++; c->match = 0; } }
-            else c->match = (p[i] == MARKER[0]) ? 1 : 0;
-            i++;
-        }
-        p += i;
-        n -= i;
-    }
-    const char *end = p + n;
-    for (;;) {
-        const char *hit = memmem(p, (size_t)(end - p), MARKER, 5);
-        if (!hit) break;
-        c->count++;
-        p = hit + 5;
-    }
-    /* a marker cut by the end of this read: remember how much of it matched */
-    for (int k = 4; k >= 1; k--) {
-        if ((size_t)(end - p) >= (size_t)k && memcmp(end - k, MARKER, (size_t)k) == 0) {
-            c->match = k;
-            break;
-        }
-    }
-}
-
-static void app_bytes(conn_t *c, const char *p, size_t n, double t) {
-    if (!n) return;
-    if (c->sampled) payload(c, p, n, t);
-    else count_only(c, p, n);
-}
-
+/* Frames are walked for their heads only (a close ends the connection); the markers are then
+ * counted in the whole read at once, heads and all, as for SSE: no head can be part of a marker,
+ * since a head starts with 0x81/0x82 and every payload here starts with '{' or a NATS verb.
+ * (Counting frame by frame made a WebSocket step cost the load generator ~40 % more than SSE.) */
 static void ws_bytes(conn_t *c, const char *p, size_t n, double t) {
     size_t i = 0;
     while (i < n) {
         if (c->ws_left > 0) {
             size_t take = (size_t)c->ws_left < n - i ? (size_t)c->ws_left : n - i;
-            if (c->ws_opcode < 8) app_bytes(c, p + i, take, t);
-            else if (c->ws_opcode == 8) { fail(c, "websocket closed by the server"); return; }
             i += take;
             c->ws_left -= (long)take;
             continue;
@@ -194,6 +174,7 @@ static void ws_bytes(conn_t *c, const char *p, size_t n, double t) {
         c->ws_left = length;
         if (c->ws_opcode == 8) { fail(c, "websocket closed by the server"); return; }
     }
+    app_bytes(c, p, n, t);
     if (transport == NATS_WS && memmem(p, n, "PING\r\n", 6)) {
         unsigned char frame[64];
         send_all(c, frame, ws_frame(frame, 1, "PONG\r\n", 6));

@@ -1,0 +1,55 @@
+"""The bench's ramp finds the limit to within its bisection's resolution (pure logic: the step
+is a stand-in that passes below a given rate)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench import run
+
+
+def _ramp(monkeypatch: pytest.MonkeyPatch, limit: float, refine: int,
+          start: float = 100.0) -> tuple[dict[str, Any], list[float]]:
+    rates: list[float] = []
+
+    def step(target: object, subs: object, rate: float, seconds: float, **kw: Any) -> run.Step:
+        rates.append(rate)
+        p99 = 10.0 if rate <= limit else 100.0
+        return run.Step(rate=rate, subscribers=1, published=1, received=1, lost=0, seconds=1.0,
+                        delivered_per_second=round(rate), latency={"p99_ms": p99},
+                        server_cpu_percent=0.0, server_rss_mb=0.0)
+
+    monkeypatch.setattr(run, "step", step)
+    monkeypatch.setattr(run, "log", lambda message: None)
+    result = run.ramp(None, None, mode="x", start_rate=start, seconds=1.0,  # type: ignore[arg-type]
+                      factor=1.6, max_steps=16, label="t", refine=refine)
+    return result, rates
+
+
+@pytest.mark.parametrize("limit", [130.0, 1000.0, 7777.0])
+def test_three_bisections_end_within_six_percent_of_the_limit(
+        monkeypatch: pytest.MonkeyPatch, limit: float) -> None:
+    result, rates = _ramp(monkeypatch, limit, refine=3)
+    best = result["best"]["rate"]
+    assert best <= limit and best >= limit / 1.6 ** (1 / 8)
+    assert len(rates) == len(result["steps"])
+
+
+def test_without_bisection_the_ramp_stops_at_its_first_failure(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _, rates = _ramp(monkeypatch, 1000.0, refine=0)
+    assert rates == pytest.approx([100.0 * 1.6 ** k for k in range(len(rates))])
+    assert rates[-1] > 1000.0 and rates[-2] <= 1000.0
+
+
+def test_a_first_step_that_fails_is_halved_then_bisected(monkeypatch: pytest.MonkeyPatch) -> None:
+    result, rates = _ramp(monkeypatch, 30.0, refine=3)
+    assert rates[:3] == [100.0, 50.0, 25.0]
+    assert 30.0 / 1.6 ** (1 / 8) <= result["best"]["rate"] <= 30.0
+
+
+def test_nothing_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    result, rates = _ramp(monkeypatch, 1.0, refine=3)
+    assert result["best"] is None and len(rates) == 4  # 100, 50, 25, 12.5; no bisection

@@ -1,0 +1,69 @@
+"""The C load generator's counting: every marker counted and every sampled stamp read, however
+the reads cut the stream (a miscount would show as loss, or hide it)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+HARNESS = r"""
+#define main loadgen_main
+#include "%s"
+#undef main
+int main(void) {
+    samples = malloc(sizeof(double) * MAX_SAMPLES);
+    static char buf[40000];
+    size_t n = 0;
+    /* SSE-like events whose padding has '{', '{"t' and '"t"' in it, and WebSocket-like frames */
+    for (int k = 0; k < 100; k++)
+        n += (size_t)sprintf(buf + n,
+                             "id: x:%%d\ndata: {\"t\":%%d.5,\"p\":\"{{\\\"t{\\\"x\"}\n\n", k, k);
+    for (int k = 100; k < 150; k++)
+        n += (size_t)sprintf(buf + n,
+                             "\x81\x7b{\"type\":\"event\",\"data\":{\"t\":%%d.5,\"p\":\"{\"}}", k);
+    for (int k = 150; k < 200; k++)  /* a marker right after a '{' */
+        n += (size_t)sprintf(buf + n, "data: {{\"t\":%%d.5}}\n\n", k);
+    srand(1);
+    for (int trial = 0; trial < 3000; trial++) {
+        conn_t c;
+        memset(&c, 0, sizeof c);
+        c.sampled = trial %% 2;
+        n_samples = 0;
+        for (size_t i = 0; i < n;) {
+            size_t step = 1 + (size_t)rand() %% (trial %% 7 == 0 ? 3 : 300);
+            if (i + step > n) step = n - i;
+            app_bytes(&c, buf + i, step, 1000.0);
+            i += step;
+        }
+        if (c.count != 200) { printf("trial %%d: counted %%ld\n", trial, c.count); return 1; }
+        if (!c.sampled) continue;
+        if (n_samples != 200) { printf("trial %%d: %%ld samples\n", trial, n_samples); return 1; }
+        for (int j = 0; j < 200; j++)
+            if (samples[j] != 1000.0 - (j + 0.5)) {
+                printf("sample %%d: %%f\n", j, samples[j]);
+                return 1;
+            }
+    }
+    printf("ok\n");
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler")
+def test_markers_and_stamps_are_counted_across_any_split_of_the_reads(tmp_path: Path) -> None:
+    source = tmp_path / "harness.c"
+    source.write_text(HARNESS % (ROOT / "bench" / "loadgen.c"))
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    assert compiler is not None
+    binary = tmp_path / "harness"
+    built = subprocess.run([compiler, "-O2", "-o", str(binary), str(source)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    ran = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0 and ran.stdout.strip() == "ok", ran.stdout
