@@ -40,6 +40,9 @@ class Event:
     time: float  # publish time, seconds since the Unix epoch
     event: str | None = None  # the SSE event name, if the publisher set one
     id: str | None = None  # the publisher's idempotency key, if any
+    # The payload is known to be valid JSON on one line (the broker serialised it from a JSON
+    # value): NDJSON and WebSocket splice it without parsing it again (~2.4 us per event).
+    json_line: bool = field(default=False, compare=False, repr=False)
 
 
 # What an event costs in memory beyond its payload and topic: the object, its fields, the float.

@@ -128,6 +128,7 @@ class AppendRequest:
     content_type: str = "application/octet-stream"
     event: str | None = None
     key: str | None = None  # idempotency key
+    json_line: bool = field(default=False, compare=False, repr=False)  # see `Event.json_line`
 
 
 @dataclass(frozen=True, slots=True)

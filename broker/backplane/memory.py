@@ -127,6 +127,7 @@ class MemoryLog:
                 time=now,
                 event=request.event,
                 id=key,
+                json_line=request.json_line,
             )
             self._next_seq += 1
             self._events.append(event)

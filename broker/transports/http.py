@@ -131,7 +131,9 @@ def create_quart_app(node: Node) -> QuartTrio:
             body, max_payload_bytes=settings.max_payload_bytes, max_lines=settings.max_batch_lines
         )
         requests = [
-            AppendRequest(line.topic, line.payload, line.content_type, line.event, line.key)
+            AppendRequest(
+                line.topic, line.payload, line.content_type, line.event, line.key, line.json_line
+            )
             for line in lines
         ]
         results = await node.publish(requests, "http-batch")

@@ -159,7 +159,9 @@ class _Session:
             outlet.detach(op.id)
             await self.reply(_with_ref({"type": "unsubscribed", "id": op.id}, op.ref))
         else:
-            request = AppendRequest(op.topic, op.payload, op.content_type, op.event, op.key)
+            request = AppendRequest(
+                op.topic, op.payload, op.content_type, op.event, op.key, op.json_line
+            )
             (result,) = await node.publish([request], "ws")
             frame: dict[str, object] = {"type": "published", "seq": result.seq}
             if result.duplicate:

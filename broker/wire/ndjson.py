@@ -11,7 +11,7 @@ import binascii
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from json.encoder import encode_basestring  # the C escaper json.dumps uses for ensure_ascii=False
 from typing import Any
 
@@ -38,10 +38,19 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# One decoder and one encoder for every call: json.loads and json.dumps build a new one each
+# time they are given options (~1 us, a tenth of parsing a 100-byte line).
+_STRICT_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+# allow_nan=False: a number that overflowed to inf while parsing must not come out as "Infinity".
+_COMPACT_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def loads_strict(text: str | bytes) -> object:
     """Parse standard JSON only; raise ValueError (never anything else) on anything else."""
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        if isinstance(text, str):
+            return _STRICT_DECODER.decode(text)
+        return json.loads(text, parse_constant=_reject_constant)  # it detects the encoding
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 
@@ -49,10 +58,7 @@ def loads_strict(text: str | bytes) -> object:
 def dumps_compact(value: object) -> bytes:
     """Compact UTF-8 JSON; ValueError if the value has no standard JSON form."""
     try:
-        # allow_nan=False: a number that overflowed to inf while parsing must not come out as
-        # "Infinity".
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        return text.encode("utf-8")
+        return _COMPACT_ENCODER.encode(value).encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError("JSON contains a lone surrogate, which UTF-8 cannot encode") from None
     except (TypeError, RecursionError) as exc:
@@ -100,7 +106,7 @@ def event_json(event: Event) -> bytes:
     if event.event is not None:
         head += b',"event":' + encode_basestring(event.event).encode()
     if is_json_content_type(event.content_type):
-        spliced = _json_data(event)
+        spliced = event.payload if event.json_line else _json_data(event)
         if spliced is not None:
             return head + b',"data":' + spliced + b"}"
     try:
@@ -163,6 +169,7 @@ class PublishRequest:
     content_type: str
     event: str | None = None
     key: str | None = None  # the idempotency key
+    json_line: bool = field(default=False, compare=False, repr=False)  # see `Event.json_line`
 
 
 def _bad_line(detail: str) -> RequestError:
@@ -177,6 +184,7 @@ def checked_publish(
     key_field: str,
     max_payload_bytes: int,
     malformed: Callable[[str], RequestError],
+    json_line: bool = False,
 ) -> PublishRequest:
     """The fields every publish carries, whatever the wire (batch line, WebSocket op): topic,
     size, content type override, event name, idempotency key (under ``key_field``).
@@ -209,7 +217,7 @@ def checked_publish(
         validate_event_name(event)
     if key is not None:
         validate_idempotency_key(key)
-    return PublishRequest(topic, payload, content_type, event, key)
+    return PublishRequest(topic, payload, content_type, event, key, json_line)
 
 
 def _line_payload(obj: dict[str, object]) -> tuple[bytes, str]:
@@ -259,6 +267,7 @@ def parse_publish_line(line: bytes, *, max_payload_bytes: int) -> PublishRequest
             key_field="id",
             max_payload_bytes=max_payload_bytes,
             malformed=_bad_line,
+            json_line=content_type == JSON_CONTENT_TYPE,  # `dumps_compact` made the payload
         )
     except RequestError as exc:
         if exc.problem in (Problem.PAYLOAD_TOO_LARGE, Problem.BAD_BATCH_LINE):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 import msgpack
@@ -61,8 +61,12 @@ def choose_codec(offered: Sequence[str]) -> Codec | None:
 
 
 def encode_event_json(event: Event) -> str:
+    return encode_event_json_bytes(event).decode("utf-8")
+
+
+def encode_event_json_bytes(event: Event) -> bytes:
     # The NDJSON object with "type" first: one set of data rules for every transport.
-    return '{"type":"event",' + event_json(event)[1:].decode("utf-8")
+    return b'{"type":"event",' + event_json(event)[1:]
 
 
 def encode_event_msgpack(event: Event) -> bytes:
@@ -144,6 +148,7 @@ class Publish:
     event: str | None
     key: str | None  # the idempotency key
     ref: object
+    json_line: bool = field(default=False, compare=False, repr=False)  # see `Event.json_line`
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,9 +276,16 @@ def _publish(obj: dict[Any, Any], ref: object, max_payload_bytes: int) -> Publis
         key_field="key",
         max_payload_bytes=max_payload_bytes,
         malformed=_bad,
+        json_line=content_type == JSON_CONTENT_TYPE,  # `dumps_compact` made the payload
     )
     return Publish(
-        request.topic, request.payload, request.content_type, request.event, request.key, ref
+        request.topic,
+        request.payload,
+        request.content_type,
+        request.event,
+        request.key,
+        ref,
+        request.json_line,
     )
 
 

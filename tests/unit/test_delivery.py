@@ -542,3 +542,11 @@ async def test_drain_makes_run_return_draining(
     assert await running.wait() is CloseReason.DRAINING
     assert trio.current_time() == start  # at once, not at the next heartbeat
     assert sink.writes == []
+
+
+def test_the_memory_log_keeps_the_json_line_mark() -> None:
+    log = MemoryLog()
+    log.append_nowait([AppendRequest("t", b"{}", "application/json", json_line=True),
+                       AppendRequest("t", b"{}", "application/json")])
+    marks = [event.json_line for event in log._events]
+    assert marks == [True, False]

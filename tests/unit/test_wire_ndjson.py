@@ -417,3 +417,36 @@ def test_parse_publish_batch_fuzz(lines: list[bytes]) -> None:
         assert 1 <= exc.extra["line"] <= max(1, body.count(b"\n") + 1)
     else:
         assert 1 <= len(requests) <= 5
+
+
+# --- json_line: a payload the broker serialised is spliced without being parsed again ---
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(json_values, st.sampled_from([None, "text/plain", "application/x+json"]))
+def test_a_batch_line_marks_its_payload_json_only_when_it_serialised_a_value(
+    value: object, override: str | None
+) -> None:
+    line: dict[str, object] = {"topic": "t", "data": value}
+    if override is not None:
+        line["content_type"] = override
+    request = parse_publish_line(json.dumps(line).encode(), max_payload_bytes=MiB)
+    assert request.json_line == (not isinstance(value, str))
+    event = make_event(request.payload, request.content_type, None)
+    marked = Event(event.seq, event.topic, event.payload, event.content_type, event.time,
+                   json_line=request.json_line)
+    # splicing unparsed gives exactly what validating gives
+    assert ndjson.event_json(marked) == ndjson.event_json(event)
+
+
+def test_base64_and_text_payloads_are_not_marked_json() -> None:
+    b64 = parse_publish_line(b'{"topic":"t","data_b64":"AAE="}', max_payload_bytes=MiB)
+    text = parse_publish_line(b'{"topic":"t","data":"{}"}', max_payload_bytes=MiB)
+    assert not b64.json_line and not text.json_line

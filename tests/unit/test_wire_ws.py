@@ -483,3 +483,15 @@ def test_a_wire_frame_is_byte_for_byte_what_wsproto_sends(codec: Codec, size: in
     reference = FrameProtocol(client=False, extensions=[])
     data: str | bytes = payload.decode() if codec is Codec.JSON else payload
     assert ws.wire_frame(codec, payload) == bytes(reference.send_data(data, fin=True))
+
+
+@pytest.mark.parametrize("codec", list(Codec))
+def test_a_published_json_value_is_marked_for_splicing_and_text_is_not(codec: Codec) -> None:
+    def publish(data: object) -> Publish:
+        op = parse_op(encode_op(codec, {"op": "publish", "topic": "t", "data": data}), codec,
+                      max_payload_bytes=MiB)
+        assert isinstance(op, Publish)
+        return op
+
+    assert publish({"a": [1, 2.5]}).json_line
+    assert not publish("{}").json_line
