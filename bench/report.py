@@ -45,8 +45,10 @@ def markdown(record: dict[str, Any]) -> str:
         f"- commit `{record['commit']}`, command `{record['command']}`",
         f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, Linux {m['kernel']}, "
         f"Python {m['python']}; {m['pinning']}",
-        f"- a step passes with 0 lost and p99 <= 50 ms; each step publishes for "
-        f"{record['plan_detail']['seconds']} s with 100-byte payloads",
+        f"- a step passes with 0 lost, p99 <= 50 ms, and the publisher kept >= 95 % of its "
+        f"rate; each step publishes for {record['plan_detail']['seconds']} s with 100-byte "
+        f"payloads; after its first failure a ramp bisects "
+        f"{record['plan_detail'].get('refine', 0)} times",
         "",
     ]
     results = record["results"]

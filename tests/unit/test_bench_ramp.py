@@ -10,8 +10,8 @@ import pytest
 from bench import run
 
 
-def _ramp(monkeypatch: pytest.MonkeyPatch, limit: float, refine: int,
-          start: float = 100.0) -> tuple[dict[str, Any], list[float]]:
+def _ramp(monkeypatch: pytest.MonkeyPatch, limit: float, refine: int, start: float = 100.0,
+          publisher_limit: float = 1e12) -> tuple[dict[str, Any], list[float]]:
     rates: list[float] = []
 
     def step(target: object, subs: object, rate: float, seconds: float, **kw: Any) -> run.Step:
@@ -19,7 +19,8 @@ def _ramp(monkeypatch: pytest.MonkeyPatch, limit: float, refine: int,
         p99 = 10.0 if rate <= limit else 100.0
         return run.Step(rate=rate, subscribers=1, published=1, received=1, lost=0, seconds=1.0,
                         delivered_per_second=round(rate), latency={"p99_ms": p99},
-                        server_cpu_percent=0.0, server_rss_mb=0.0)
+                        server_cpu_percent=0.0, server_rss_mb=0.0,
+                        publish_rate=min(rate, publisher_limit))
 
     monkeypatch.setattr(run, "step", step)
     monkeypatch.setattr(run, "log", lambda message: None)
@@ -53,3 +54,10 @@ def test_a_first_step_that_fails_is_halved_then_bisected(monkeypatch: pytest.Mon
 def test_nothing_holds(monkeypatch: pytest.MonkeyPatch) -> None:
     result, rates = _ramp(monkeypatch, 1.0, refine=3)
     assert result["best"] is None and len(rates) == 4  # 100, 50, 25, 12.5; no bisection
+
+
+def test_a_step_whose_publisher_was_held_back_has_not_sustained_its_rate(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # latency is fine at every rate, but the server kept the publisher under 500 msg/s
+    result, _ = _ramp(monkeypatch, 1e9, refine=3, publisher_limit=500.0)
+    assert 500.0 / 1.6 ** (1 / 8) <= result["best"]["rate"] <= 500.0 / run.RATE_KEPT

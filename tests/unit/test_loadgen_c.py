@@ -49,6 +49,45 @@ int main(void) {
                 return 1;
             }
     }
+    /* WebSocket frames: short and 126-extended lengths, cut anywhere; a close frame fails */
+    transport = WS;
+    static char frames[200000];
+    size_t m = 0;
+    for (int k = 0; k < 300; k++) {
+        char body[400];
+        char pad[300];
+        memset(pad, 'x', sizeof pad);
+        int len = sprintf(body, "{\"type\":\"event\",\"data\":{\"t\":%%d.5,\"p\":\"%%.*s\"}}",
+                          k, (k * 37) %% 250, pad);
+        frames[m++] = (char)0x81;
+        if (len < 126) frames[m++] = (char)len;
+        else {
+            frames[m++] = 126;
+            frames[m++] = (char)(len >> 8);
+            frames[m++] = (char)(len & 0xff);
+        }
+        memcpy(frames + m, body, (size_t)len);
+        m += (size_t)len;
+    }
+    for (int trial = 0; trial < 3000; trial++) {
+        conn_t c;
+        memset(&c, 0, sizeof c);
+        c.sampled = trial %% 2;
+        c.fd = -1;
+        n_samples = 0;
+        for (size_t i = 0; i < m;) {
+            size_t step = 1 + (size_t)rand() %% (trial %% 7 == 0 ? 5 : 3000);
+            if (i + step > m) step = m - i;
+            ws_bytes(&c, frames + i, step, 1000.0);
+            i += step;
+        }
+        if (c.count != 300 || c.closed || (c.sampled && n_samples != 300)) {
+            printf("ws trial %%d: counted %%ld, %%ld samples\n", trial, c.count, n_samples);
+            return 1;
+        }
+        ws_bytes(&c, "\x88\x00", 2, 1000.0);
+        if (!c.closed) { printf("a close frame was not noticed\n"); return 1; }
+    }
     printf("ok\n");
     return 0;
 }
