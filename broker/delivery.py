@@ -101,6 +101,20 @@ class Framing:
             return [b"".join(frames)]
         return frames
 
+    def render_replay(
+        self, sub: Subscription, head: Sequence[Item], events: Sequence[Event]
+    ) -> list[bytes]:
+        """A page of history: ``head`` (its gaps), then ``events``, each encoded through the
+        format's replay cache. One loop over the events, with none of `render`'s per-item type
+        tests: most of a catch-up's time is here."""
+        if self.max_joined_bytes is not None:
+            return self.render(sub, [*head, *events])
+        frames = self.render(sub, head) if head else []
+        frames.extend(map(self.fmt.encode_replayed, events))
+        if self.joined and len(frames) > 1:
+            return [b"".join(frames)]
+        return frames
+
     def _chunks(
         self, sub: Subscription, items: Sequence[Item | Event], frames: list[bytes]
     ) -> list[bytes]:
@@ -378,15 +392,14 @@ class Outlet:
         result = await self.log.read(sub.filter, sub.position, self._page_events)
         if sub.state is not State.CATCHUP:  # closed while we read
             return
-        items: list[Item | Event] = []
+        items: list[Item] = []
         if result.gap is not None:
             items.append(result.gap)
         if result.topic_gaps:
             items.extend(sub.new_topic_gaps(result.topic_gaps))
         gaps = len(items)
-        items.extend(result.events)
-        if items:
-            await self._write(self.framing.render(sub, items))
+        if items or result.events:
+            await self._write(self.framing.render_replay(sub, items, result.events))
         sub.advance(result.scanned_to, gaps)
         self._count(sub, len(result.events))
         sub.try_go_live(self.hub.routed_seq)

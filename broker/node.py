@@ -34,7 +34,7 @@ class Framings:
     def __init__(self, epoch: str) -> None:
         self.epoch = epoch
         self.sse = Framing(
-            Format("sse", partial(sse.encode_event, epoch=epoch)),
+            Format("sse", sse.event_encoder(epoch)),
             gap=lambda sub, g: sse.encode_gap(g.from_seq, g.to_seq, epoch, g.topic),
             reset=lambda sub, r: sse.encode_reset(r.epoch),
             joined=True,

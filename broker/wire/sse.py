@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from broker.errors import ProtocolError
@@ -37,6 +38,19 @@ def _data_lines(payload: bytes) -> bytes:
     lines = payload.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
     # An empty line gets no space after the colon, so "data:" round-trips as "" (not " ").
     return b"".join(b"data: " + line + b"\n" if line else b"data:\n" for line in lines)
+
+
+def event_encoder(epoch: str) -> Callable[[Event], bytes]:
+    """`encode_event` for one epoch, with the usual case inline: a payload the broker serialised
+    from a JSON value (`Event.json_line`) is one line of UTF-8 already (0.93 -> 0.17 us)."""
+    prefix = epoch.encode()
+
+    def encode(event: Event) -> bytes:
+        if event.json_line and event.event is None:
+            return b"id: %s:%d\ndata: %s\n\n" % (prefix, event.seq, event.payload)
+        return encode_event(event, epoch)
+
+    return encode
 
 
 def encode_event(event: Event, epoch: str) -> bytes:

@@ -19,7 +19,8 @@ from broker.backplane.memory import MemoryLog
 from broker.delivery import Framing, Heartbeats, Outlet, Router
 from broker.encoding import Format
 from broker.hub import Hub
-from broker.model import Event, Filter
+from broker.model import Event, Filter, Gap
+from broker.node import Framings
 from broker.subscription import CloseReason, OverflowPolicy, State, Subscription
 
 DEADLINE_SECONDS = 10
@@ -550,3 +551,19 @@ def test_the_memory_log_keeps_the_json_line_mark() -> None:
                        AppendRequest("t", b"{}", "application/json")])
     marks = [event.json_line for event in log._events]
     assert marks == [True, False]
+
+
+@pytest.mark.parametrize("transport", ["sse", "ndjson", "grpc", "ws"])
+def test_a_replayed_page_renders_as_render_would(transport: str) -> None:
+    framings = Framings("e1")
+    framing = {"sse": framings.sse, "ndjson": framings.ndjson, "grpc": framings.grpc,
+               "ws": next(iter(framings.ws_wire.values()))}[transport]
+    sub = Subscription("s1", Filter.parse(["a"]), position=0, live=False, buffer_events=10,
+                       buffer_bytes=1 << 20, policy=OverflowPolicy.CATCHUP, transport="test")
+    events = [Event(seq, "a", b'{"n":%d}' % seq, "application/json", 0.0, json_line=seq % 2 == 0)
+              for seq in range(3, 9)]
+    gap = Gap(1, 2)
+    for head in ([], [gap]):
+        expected = framing.render(sub, [*head, *events])
+        assert framing.render_replay(sub, head, events) == expected
+    assert framing.render_replay(sub, [gap], []) == framing.render(sub, [gap])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 from collections.abc import Iterable
 
@@ -430,3 +431,17 @@ def test_feed_raises_only_protocol_error(chunks: list[bytes], max_line_bytes: in
                 assert "\0" not in message.id
     except ProtocolError:
         pass
+
+
+@given(st.text(st.characters(blacklist_categories=("Cs",))).map(
+           lambda t: json.dumps(t, ensure_ascii=False)),
+       st.integers(min_value=1, max_value=2**40))
+def test_the_encoder_inlines_json_lines_and_writes_what_encode_event_writes(
+    payload: str, seq: int
+) -> None:
+    encode = sse.event_encoder("e1")
+    marked = Event(seq, "t", payload.encode(), "application/json", 0.0, json_line=True)
+    plain = Event(seq, "t", payload.encode(), "application/json", 0.0)
+    named = Event(seq, "t", payload.encode(), "application/json", 0.0, "note", json_line=True)
+    assert encode(marked) == encode(plain) == sse.encode_event(plain, "e1")
+    assert encode(named) == sse.encode_event(named, "e1")
