@@ -84,7 +84,7 @@ class Framings:
 
 def _ws_event_encoder(codec: ws.Codec) -> Callable[[Event], bytes]:
     if codec is ws.Codec.JSON:
-        return ws.encode_event_json_bytes
+        return ws.encode_event_json
     return ws.encode_event_msgpack
 
 

@@ -60,11 +60,7 @@ def choose_codec(offered: Sequence[str]) -> Codec | None:
     return None
 
 
-def encode_event_json(event: Event) -> str:
-    return encode_event_json_bytes(event).decode("utf-8")
-
-
-def encode_event_json_bytes(event: Event) -> bytes:
+def encode_event_json(event: Event) -> bytes:
     # The NDJSON object with "type" first: one set of data rules for every transport.
     return b'{"type":"event",' + event_json(event)[1:]
 

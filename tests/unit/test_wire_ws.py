@@ -83,7 +83,7 @@ def test_subprotocol_names() -> None:
     ],
 )
 def test_encode_event_json(event: Event, frame: str) -> None:
-    assert ws.encode_event_json(event) == frame
+    assert ws.encode_event_json(event).decode() == frame
     assert ws.decode_frame(Codec.JSON, frame)["type"] == "event"
 
 
