@@ -25,7 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,31 +324,19 @@ def _cpu(process: psutil.Process | None) -> float:
     return float(times.user + times.system)
 
 
-def ramp(target: Target, subs: Subscribers, *, mode: str, start_rate: float, seconds: float,
-         factor: float, max_steps: int, label: str, refine: int = 0,
-         **kw: Any) -> dict[str, Any]:
-    """Raise the publish rate until a step fails, then bisect (geometrically, ``refine`` times)
-    between the highest rate that held and the lowest that did not: with ``factor`` 1.6 and 3
-    bisections the result is within 6 % of the limit, where the bare ramp left it anywhere in a
-    60 % band (too coarse to say whether two transports are within 10 % of each other). The best
-    passing step is the result."""
-    steps: list[Step] = []
-
-    def run_step(rate: float) -> bool:
-        result = step(target, subs, rate, seconds, mode=mode, **kw)
-        steps.append(result)
-        mark = "ok" if result.passed else "FAIL"
-        log(f"  {label}: {rate:,.0f} msg/s (kept {result.publish_rate or rate:,.0f}) -> "
-            f"{result.delivered_per_second:,.0f} delivered/s, "
-            f"lost {result.lost}, p99 {result.latency.get('p99_ms')} ms, cpu "
-            f"{result.server_cpu_percent}% (load {result.load_cpu_percent}%) [{mark}]")
-        return result.passed
-
+def _rates(start_rate: float, factor: float, max_steps: int,
+           refine: int) -> Generator[float, bool, None]:
+    """A ramp's rates, each step's verdict sent back: raise the rate by ``factor`` until a step
+    fails, then bisect (geometrically, ``refine`` times) between the highest rate that held and
+    the lowest that did not. With ``factor`` 1.6 and 3 bisections the result is within 6 % of
+    the limit, where the bare ramp left it anywhere in a 60 % band (too coarse to say whether
+    two transports are within 10 % of each other). If the first rate fails, it is halved up to
+    three times to find one that holds."""
     rate = start_rate
     held, failed = 0.0, 0.0
-    downward = 0  # when the first rate fails, halve it (a few times) to find one that holds
+    downward = 0
     for _ in range(max_steps):
-        if run_step(rate):
+        if (yield rate):
             held = rate
             if failed:
                 break  # found the rate that holds below the one that did not
@@ -361,13 +349,53 @@ def ramp(target: Target, subs: Subscribers, *, mode: str, start_rate: float, sec
         rate /= 2
     for _ in range(refine if held and failed else 0):
         rate = (held * failed) ** 0.5
-        if run_step(rate):
+        if (yield rate):
             held = rate
         else:
             failed = rate
-    best = max((s for s in steps if s.passed), key=lambda s: s.delivered_per_second,
-               default=None)
-    return {"best": best.__dict__ if best else None, "steps": [s.__dict__ for s in steps]}
+
+
+def ramp(target: Target, subs: Subscribers, *, mode: str, start_rate: float, seconds: float,
+         factor: float, max_steps: int, label: str, refine: int = 0,
+         **kw: Any) -> dict[str, Any]:
+    """One server's ramp (`_rates`); the best passing step is the result."""
+    return ramps([(label, target, subs)], mode=mode, start_rate=start_rate, seconds=seconds,
+                 factor=factor, max_steps=max_steps, refine=refine, **kw)[label]
+
+
+def ramps(series: Sequence[tuple[str, Target, Subscribers]], *, mode: str, start_rate: float,
+          seconds: float, factor: float, max_steps: int, refine: int = 0,
+          **kw: Any) -> dict[str, dict[str, Any]]:
+    """Several ramps in lockstep: each round, every series still going runs its next step.
+    This VM's speed drifts from minute to minute (the same transport's p99 at one rate moved
+    from 39 to 114 ms between runs a few minutes apart), so ramps run one after the other could
+    not tell transports 10 % apart; interleaved, the drift falls on all of them alike."""
+    going: dict[str, tuple[Target, Subscribers, Generator[float, bool, None], float]] = {}
+    steps: dict[str, list[Step]] = {}
+    for label, target, subs in series:
+        rates = _rates(start_rate, factor, max_steps, refine)
+        going[label] = (target, subs, rates, next(rates))
+        steps[label] = []
+    while going:
+        for label, (target, subs, rates, rate) in list(going.items()):
+            result = step(target, subs, rate, seconds, mode=mode, **kw)
+            steps[label].append(result)
+            mark = "ok" if result.passed else "FAIL"
+            log(f"  {label}: {rate:,.0f} msg/s (kept {result.publish_rate or rate:,.0f}) -> "
+                f"{result.delivered_per_second:,.0f} delivered/s, "
+                f"lost {result.lost}, p99 {result.latency.get('p99_ms')} ms, cpu "
+                f"{result.server_cpu_percent}% (load {result.load_cpu_percent}%) [{mark}]")
+            try:
+                going[label] = (target, subs, rates, rates.send(result.passed))
+            except StopIteration:
+                del going[label]
+    out: dict[str, dict[str, Any]] = {}
+    for label, taken in steps.items():
+        best = max((s for s in taken if s.passed), key=lambda s: s.delivered_per_second,
+                   default=None)
+        out[label] = {"best": best.__dict__ if best else None,
+                      "steps": [s.__dict__ for s in taken]}
+    return out
 
 
 # -- scenarios ------------------------------------------------------------------------------
@@ -423,30 +451,57 @@ def scenario_capacity(plan: Plan) -> dict[str, Any]:
 
 
 def scenario_fanout(plan: Plan) -> dict[str, Any]:
+    """Per subscriber count, the broker's transports ramp interleaved (`ramps`), each on a
+    broker of its own (the idle ones cost ~1 % of the core); then each baseline on its own."""
     out: dict[str, Any] = {}
-    servers: list[tuple[str, Callable[[], Target], tuple[str, ...], str]] = [
-        ("broker", start_broker, plan.transports, "http-batch")]
-    if plan.baselines:
-        servers += [("starlette", start_starlette, ("sse",), "http-batch"),
-                    ("nats-server", start_nats, ("nats-ws",), "nats")]
-    for name, start, transports, mode in servers:
-        for transport in transports:
-            for n in plan.fanout_subscribers:
-                label = f"fan-out {name} {transport} x{n}"
-                log(label)
-                target = start()
+    for n in plan.fanout_subscribers:
+        labels = {f"fan-out broker {t} x{n}": t for t in plan.transports}
+        log(", ".join(labels))
+        started: list[tuple[str, Target, Subscribers]] = []
+        try:
+            for label, transport in labels.items():
+                target = start_broker()
                 try:
-                    subs = Subscribers(target, transport, n)
-                    result = ramp(target, subs, mode=mode, start_rate=deliveries_start(n),
-                                  seconds=plan.seconds, factor=1.6, max_steps=plan.max_steps,
-                                  label=label, subject="bench", refine=plan.refine)
-                    subs.close()
+                    started.append((label, target, Subscribers(target, transport, n)))
                 except RuntimeError as exc:
-                    log(f"  {label}: {exc}")
-                    result = {"best": None, "steps": [], "error": str(exc)}
-                finally:
                     target.stop()
-                out.setdefault(name, {}).setdefault(transport, {})[str(n)] = result
+                    log(f"  {label}: {exc}")
+                    out.setdefault("broker", {}).setdefault(transport, {})[str(n)] = {
+                        "best": None, "steps": [], "error": str(exc)}
+            try:
+                results = ramps(started, mode="http-batch", start_rate=deliveries_start(n),
+                                seconds=plan.seconds, factor=1.6, max_steps=plan.max_steps,
+                                refine=plan.refine)
+            except RuntimeError as exc:
+                log(f"  fan-out broker x{n}: {exc}")
+                results = {label: {"best": None, "steps": [], "error": str(exc)}
+                           for label, _, _ in started}
+            for label, result in results.items():
+                out.setdefault("broker", {}).setdefault(labels[label], {})[str(n)] = result
+        finally:
+            for _, target, subs in started:
+                subs.close()
+                target.stop()
+    baselines: list[tuple[str, Callable[[], Target], str, str]] = [
+        ("starlette", start_starlette, "sse", "http-batch"),
+        ("nats-server", start_nats, "nats-ws", "nats")] if plan.baselines else []
+    for name, start, transport, mode in baselines:
+        for n in plan.fanout_subscribers:
+            label = f"fan-out {name} {transport} x{n}"
+            log(label)
+            target = start()
+            try:
+                subs = Subscribers(target, transport, n)
+                result = ramp(target, subs, mode=mode, start_rate=deliveries_start(n),
+                              seconds=plan.seconds, factor=1.6, max_steps=plan.max_steps,
+                              label=label, subject="bench", refine=plan.refine)
+                subs.close()
+            except RuntimeError as exc:
+                log(f"  {label}: {exc}")
+                result = {"best": None, "steps": [], "error": str(exc)}
+            finally:
+                target.stop()
+            out.setdefault(name, {}).setdefault(transport, {})[str(n)] = result
     return out
 
 
@@ -459,7 +514,7 @@ def scenario_grpc_fanout(plan: Plan) -> dict[str, Any]:
         target = start_broker()
         try:
             subs = GrpcSubscribers(target, n)
-            out[str(n)] = ramp(target, subs, mode="http-batch",  # type: ignore[arg-type]
+            out[str(n)] = ramp(target, subs, mode="http-batch",
                                start_rate=deliveries_start(n), seconds=plan.seconds, factor=1.6,
                                max_steps=plan.max_steps, label=label, refine=plan.refine)
             subs.close()

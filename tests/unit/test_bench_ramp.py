@@ -61,3 +61,27 @@ def test_a_step_whose_publisher_was_held_back_has_not_sustained_its_rate(
     # latency is fine at every rate, but the server kept the publisher under 500 msg/s
     result, _ = _ramp(monkeypatch, 1e9, refine=3, publisher_limit=500.0)
     assert 500.0 / 1.6 ** (1 / 8) <= result["best"]["rate"] <= 500.0 / run.RATE_KEPT
+
+
+def test_ramps_run_in_lockstep_and_each_finds_its_own_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    limits = {"a": 1000.0, "b": 300.0}
+    calls: list[str] = []
+
+    def step(target: str, subs: object, rate: float, seconds: float, **kw: Any) -> run.Step:
+        calls.append(target)
+        p99 = 10.0 if rate <= limits[target] else 100.0
+        return run.Step(rate=rate, subscribers=1, published=1, received=1, lost=0, seconds=1.0,
+                        delivered_per_second=round(rate), latency={"p99_ms": p99},
+                        server_cpu_percent=0.0, server_rss_mb=0.0, publish_rate=rate)
+
+    monkeypatch.setattr(run, "step", step)
+    monkeypatch.setattr(run, "log", lambda message: None)
+    results = run.ramps([("a", "a", None), ("b", "b", None)],  # type: ignore[list-item]
+                        mode="x", start_rate=100.0, seconds=1.0, factor=1.6, max_steps=16,
+                        refine=3)
+    for label, limit in limits.items():
+        assert limit / 1.6 ** (1 / 8) <= results[label]["best"]["rate"] <= limit
+    b_steps = len(results["b"]["steps"])
+    assert calls[: 2 * b_steps] == ["a", "b"] * b_steps  # alternating while both go on
+    assert set(calls[2 * b_steps:]) == {"a"}
