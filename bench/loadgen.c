@@ -154,8 +154,9 @@ static void app_bytes(conn_t *c, const char *p, size_t n, double t) {
 }
 
 /* Frames are walked for their heads only (a close ends the connection); the markers are then
- * counted in the whole read at once, heads and all, as for SSE: no head can be part of a marker,
- * since a head starts with 0x81/0x82 and every payload here starts with '{' or a NATS verb.
+ * counted in the whole read at once, heads and all, as for SSE. No marker can take in a head: a
+ * head is 2-4 bytes starting with 0x81/0x82 (its length bytes may read '{' or '"'), and the
+ * payload after it starts with '{' or a NATS verb, never with the rest of a marker.
  * (Counting frame by frame made a WebSocket step cost the load generator ~40 % more than SSE.) */
 static void ws_bytes(conn_t *c, const char *p, size_t n, double t) {
     size_t i = 0;

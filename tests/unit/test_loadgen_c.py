@@ -15,6 +15,24 @@ HARNESS = r"""
 #define main loadgen_main
 #include "%s"
 #undef main
+typedef void (*reader_t)(conn_t *, const char *, size_t, double);
+
+/* A connection fed ``n`` bytes cut at random (into 1-4 bytes every 7th trial), read at t=1000. */
+static conn_t feed(reader_t read, const char *data, size_t n, int trial, size_t most) {
+    conn_t c;
+    memset(&c, 0, sizeof c);
+    c.sampled = trial %% 2;
+    c.fd = -1;
+    n_samples = 0;
+    for (size_t i = 0; i < n;) {
+        size_t step = 1 + (size_t)rand() %% (trial %% 7 == 0 ? 4 : most);
+        if (i + step > n) step = n - i;
+        read(&c, data + i, step, 1000.0);
+        i += step;
+    }
+    return c;
+}
+
 int main(void) {
     samples = malloc(sizeof(double) * MAX_SAMPLES);
     static char buf[40000];
@@ -30,16 +48,7 @@ int main(void) {
         n += (size_t)sprintf(buf + n, "data: {{\"t\":%%d.5}}\n\n", k);
     srand(1);
     for (int trial = 0; trial < 3000; trial++) {
-        conn_t c;
-        memset(&c, 0, sizeof c);
-        c.sampled = trial %% 2;
-        n_samples = 0;
-        for (size_t i = 0; i < n;) {
-            size_t step = 1 + (size_t)rand() %% (trial %% 7 == 0 ? 3 : 300);
-            if (i + step > n) step = n - i;
-            app_bytes(&c, buf + i, step, 1000.0);
-            i += step;
-        }
+        conn_t c = feed(app_bytes, buf, n, trial, 300);
         if (c.count != 200) { printf("trial %%d: counted %%ld\n", trial, c.count); return 1; }
         if (!c.sampled) continue;
         if (n_samples != 200) { printf("trial %%d: %%ld samples\n", trial, n_samples); return 1; }
@@ -70,17 +79,7 @@ int main(void) {
         m += (size_t)len;
     }
     for (int trial = 0; trial < 3000; trial++) {
-        conn_t c;
-        memset(&c, 0, sizeof c);
-        c.sampled = trial %% 2;
-        c.fd = -1;
-        n_samples = 0;
-        for (size_t i = 0; i < m;) {
-            size_t step = 1 + (size_t)rand() %% (trial %% 7 == 0 ? 5 : 3000);
-            if (i + step > m) step = m - i;
-            ws_bytes(&c, frames + i, step, 1000.0);
-            i += step;
-        }
+        conn_t c = feed(ws_bytes, frames, m, trial, 3000);
         if (c.count != 300 || c.closed || (c.sampled && n_samples != 300)) {
             printf("ws trial %%d: counted %%ld, %%ld samples\n", trial, c.count, n_samples);
             return 1;
