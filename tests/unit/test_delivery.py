@@ -549,7 +549,7 @@ def test_the_memory_log_keeps_the_json_line_mark() -> None:
     log = MemoryLog()
     log.append_nowait([AppendRequest("t", b"{}", "application/json", json_line=True),
                        AppendRequest("t", b"{}", "application/json")])
-    marks = [event.json_line for event in log._events]
+    marks = [event.json_line for event in log.read_nowait(Filter.parse(["t"]), 0, 10).events]
     assert marks == [True, False]
 
 

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from broker.errors import Problem, ProtocolError, RequestError
@@ -421,15 +421,6 @@ def test_parse_publish_batch_fuzz(lines: list[bytes]) -> None:
 
 # --- json_line: a payload the broker serialised is spliced without being parsed again ---
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=12,
-)
-
-
 @given(json_values, st.sampled_from([None, "text/plain", "application/x+json"]))
 def test_a_batch_line_marks_its_payload_json_only_when_it_serialised_a_value(
     value: object, override: str | None
@@ -437,7 +428,11 @@ def test_a_batch_line_marks_its_payload_json_only_when_it_serialised_a_value(
     line: dict[str, object] = {"topic": "t", "data": value}
     if override is not None:
         line["content_type"] = override
-    request = parse_publish_line(json.dumps(line).encode(), max_payload_bytes=MiB)
+    try:
+        text = json.dumps(line, allow_nan=False)
+    except ValueError:  # an infinity: not JSON, and refused as such elsewhere
+        assume(False)
+    request = parse_publish_line(text.encode(), max_payload_bytes=MiB)
     assert request.json_line == (not isinstance(value, str))
     event = make_event(request.payload, request.content_type, None)
     marked = Event(event.seq, event.topic, event.payload, event.content_type, event.time,
