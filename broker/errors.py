@@ -20,6 +20,7 @@ below are the complete, documented list (docs/protocol.md has the same table).
 from __future__ import annotations
 
 import enum
+import json
 from typing import Any
 
 PROBLEM_TYPE_PREFIX = "urn:broker:problem:"
@@ -98,6 +99,15 @@ class RequestError(BrokerError):
 
 class Unavailable(BrokerError):
     """We cannot serve this right now (draining, backplane unreachable); retrying later may work."""
+
+
+def problem_document(error: RequestError | Unavailable, instance: str) -> tuple[int, bytes]:
+    """The HTTP status and ``application/problem+json`` body for ``error`` at ``instance`` (the
+    request's path). A 503 goes out with ``Retry-After: 1``."""
+    if isinstance(error, Unavailable):
+        error = RequestError(Problem.UNAVAILABLE, str(error))
+    document = json.dumps(error.as_problem(instance), separators=(",", ":"), ensure_ascii=False)
+    return error.problem.status, document.encode()
 
 
 class ClosedError(BrokerError):

@@ -9,14 +9,13 @@ hours, and leaves no place for a synchronous ``write_nowait``. See docs/decision
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from broker.errors import Problem, RequestError, Unavailable
+from broker.errors import Problem, RequestError, Unavailable, problem_document
 from broker.model import Filter, Position, parse_position
 from broker.node import Node
 
@@ -61,13 +60,6 @@ class AsgiWebSocketSink:
             await self._send({"type": "websocket.send", "text": data.decode()})
         else:
             await self._send({"type": "websocket.send", "bytes": data})
-
-
-def problem_document(error: RequestError | Unavailable, instance: str) -> tuple[int, bytes]:
-    if isinstance(error, Unavailable):
-        error = RequestError(Problem.UNAVAILABLE, str(error))
-    document = json.dumps(error.as_problem(instance), separators=(",", ":"), ensure_ascii=False)
-    return error.problem.status, document.encode()
 
 
 async def send_problem(send: Send, error: RequestError | Unavailable, instance: str) -> None:

@@ -5,8 +5,6 @@ Streaming subscriptions (SSE, NDJSON, WebSocket) are served beside it (transport
 
 from __future__ import annotations
 
-import json
-import re
 from importlib import resources
 from typing import Any
 
@@ -15,15 +13,11 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from broker.backplane.base import AppendRequest, AppendResult
-from broker.errors import Problem, RequestError, Unavailable
-from broker.model import validate_event_name, validate_idempotency_key, validate_topic
+from broker.errors import Problem, RequestError, Unavailable, problem_document
 from broker.node import Node
-from broker.transports.asgi import parse_subscribe, problem_document
-from broker.wire import ndjson
+from broker.transports import publishing
+from broker.transports.asgi import parse_subscribe
 
-BATCH_MEDIA_TYPES = {"application/x-ndjson", "application/jsonl", "application/x-jsonlines"}
-_CONTENT_TYPE = re.compile(r"[\x20-\x7e]{1,255}\Z")
 _HTTP_PROBLEMS = {
     404: Problem.NOT_FOUND,
     405: Problem.METHOD_NOT_ALLOWED,
@@ -31,10 +25,9 @@ _HTTP_PROBLEMS = {
 }
 
 
-def _json(body: dict[str, Any], status: int = 200) -> Response:
-    return Response(
-        json.dumps(body, separators=(",", ":")), status, content_type="application/json"
-    )
+def _json(body: dict[str, Any] | bytes, status: int = 200) -> Response:
+    data = body if isinstance(body, bytes) else publishing.answer(body)
+    return Response(data, status, content_type="application/json")
 
 
 def _problem(error: RequestError | Unavailable) -> Response:
@@ -44,26 +37,11 @@ def _problem(error: RequestError | Unavailable) -> Response:
 
 
 async def _body(limit: int, what: str) -> bytes:
-    """The request body, refused with 413 past ``limit`` (announced or actual length)."""
-    announced = request.content_length
-    if announced is not None and announced > limit:
-        raise RequestError(
-            Problem.PAYLOAD_TOO_LARGE, f"the {what} is {announced} bytes; the limit is {limit}"
-        )
+    """The request body, refused with 413 when it is announced longer than ``limit`` (the
+    publishing functions check what was read)."""
+    publishing.check_length(request.content_length, limit, what)
     data = await request.get_data(cache=False, as_text=False, parse_form_data=False)
-    body = data.encode() if isinstance(data, str) else data
-    if len(body) > limit:
-        raise RequestError(
-            Problem.PAYLOAD_TOO_LARGE, f"the {what} is over the limit of {limit} bytes"
-        )
-    return body
-
-
-def _published(result: AppendResult) -> dict[str, Any]:
-    body: dict[str, Any] = {"seq": result.seq}
-    if result.duplicate:
-        body["duplicate"] = True
-    return body
+    return data.encode() if isinstance(data, str) else data
 
 
 def create_quart_app(node: Node) -> QuartTrio:
@@ -100,48 +78,21 @@ def create_quart_app(node: Node) -> QuartTrio:
 
     @app.post("/v1/topics/<path:topic>")
     async def publish(topic: str) -> Response:
-        node.check_writable()
-        validate_topic(topic)
-        event = request.args.get("event")
-        if event is not None:
-            validate_event_name(event)
-        key = request.headers.get("Idempotency-Key")
-        if key is not None:
-            validate_idempotency_key(key)
-        content_type = request.headers.get("Content-Type", "application/octet-stream")
-        if not _CONTENT_TYPE.match(content_type):
-            raise RequestError(Problem.BAD_PARAMETER, "invalid Content-Type", name="Content-Type")
-        payload = await _body(settings.max_payload_bytes, "payload")
-        (result,) = await node.publish(
-            [AppendRequest(topic, payload, content_type, event, key)], "http"
+        append = publishing.single(
+            node,
+            topic,
+            event=request.args.get("event"),
+            key=request.headers.get("Idempotency-Key"),
+            content_type=request.headers.get("Content-Type"),
         )
-        return _json(_published(result))
+        payload = await _body(settings.max_payload_bytes, "payload")
+        return _json(await publishing.publish_single(node, append, payload))
 
     @app.post("/v1/publish")
     async def publish_batch() -> Response:
-        node.check_writable()
-        media_type = (request.mimetype or "").lower()
-        if media_type not in BATCH_MEDIA_TYPES:
-            raise RequestError(
-                Problem.UNSUPPORTED_MEDIA_TYPE,
-                f"a batch is NDJSON: send Content-Type: application/x-ndjson, not {media_type!r}",
-            )
+        publishing.check_batch(node, request.headers.get("Content-Type"))
         body = await _body(settings.max_batch_bytes, "batch")
-        lines = ndjson.parse_publish_batch(
-            body, max_payload_bytes=settings.max_payload_bytes, max_lines=settings.max_batch_lines
-        )
-        requests = [
-            AppendRequest(
-                line.topic, line.payload, line.content_type, line.event, line.key, line.json_line
-            )
-            for line in lines
-        ]
-        results = await node.publish(requests, "http-batch")
-        body_out: dict[str, Any] = {"seqs": [r.seq for r in results]}
-        duplicates = [i for i, r in enumerate(results) if r.duplicate]
-        if duplicates:
-            body_out["duplicates"] = duplicates
-        return _json(body_out)
+        return _json(await publishing.publish_batch(node, body))
 
     @app.get("/v1/poll")
     async def poll() -> Response:

@@ -12,10 +12,10 @@ import trio
 
 from broker.backplane.base import AppendRequest
 from broker.delivery import Outlet, Sink
-from broker.errors import CloseCode, Problem, RequestError, Unavailable
+from broker.errors import CloseCode, Problem, RequestError, Unavailable, problem_document
 from broker.node import Node
 from broker.subscription import CloseReason
-from broker.transports.asgi import AsgiWebSocketSink, Receive, Scope, Send, problem_document
+from broker.transports.asgi import AsgiWebSocketSink, Receive, Scope, Send
 from broker.wire import ws
 
 CLOSE_CODES = {
