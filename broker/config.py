@@ -78,6 +78,9 @@ class Settings:
     # Subscriber streams (SSE, NDJSON, WebSocket) written straight to the socket; false: every
     # connection through hypercorn (the slow path, kept complete; see docs/performance.md).
     native_streams: bool = True
+    # Publish requests (POST /v1/publish, /v1/topics/{topic} with a Content-Length body) answered
+    # on the raw socket; false: through hypercorn and quart (see docs/performance.md).
+    native_publish: bool = True
     # Connections the kernel queues before they are accepted. When clients reconnect all at once
     # (a node restarted), a short queue drops SYNs and each dropped one waits 1 s (then 3 s...)
     # to retry; Linux caps this at net.core.somaxconn (4096 by default).

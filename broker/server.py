@@ -126,6 +126,7 @@ class Server:
                     node.connections,
                     shutdown_trigger=shutdown.wait,
                     native_app=app if self.settings.native_streams else None,
+                    native_publish=node if self.settings.native_publish else None,
                     task_status=task_status,
                 )
             finally:

@@ -24,6 +24,7 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config
+from hypercorn.events import Closed, Event, Updated
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -91,6 +92,23 @@ class TrackingListener(trio.abc.Listener[trio.SocketStream]):
         await self._inner.aclose()
 
 
+class ClosingTCPServer(TCPServer):
+    """hypercorn's connection, closed when its protocol says so.
+
+    The protocol sends ``Closed`` (after a ``Connection: close`` response) and ``Updated(idle)``
+    (which starts the keep-alive timeout) from inside the app's task, and quart-trio cancels
+    that task's scope as its response ends: the close, or the timeout's start, was cancelled
+    at its first checkpoint, and such a connection stayed open until the client closed it.
+    Both are quick (a shutdown, a close, starting a task), so they run shielded."""
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Closed | Updated):
+            with trio.CancelScope(shield=True):
+                await super().protocol_send(event)
+        else:
+            await super().protocol_send(event)
+
+
 def listen(host: str, port: int, *, backlog: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -109,10 +127,12 @@ async def serve(
     *,
     shutdown_trigger: Callable[[], Awaitable[None]],
     native_app: Any = None,
+    native_publish: Any = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``sock`` until ``shutdown_trigger`` returns; started with the URL.
-    With ``native_app`` (the plain ASGI app), subscriber streams are served by `native`."""
+    With ``native_app`` (the plain ASGI app), subscriber streams are served by `native`; with
+    ``native_publish`` (the node), publish requests are (`native_publish`)."""
     lifespan_state: LifespanState = {}
     lifespan = Lifespan(app, config, lifespan_state)
     context = WorkerContext(None)
@@ -125,13 +145,14 @@ async def serve(
             task_status.started(url)
             state = ConnectionState(lifespan_state.copy())
             handler: Callable[[trio.SocketStream], Awaitable[None]]
-            handler = partial(TCPServer, app, config, context, state)
+            handler = partial(ClosingTCPServer, app, config, context, state)
             hangups = native.Hangups()
             server_nursery.start_soon(hangups.run)
-            if native_app is not None:  # subscriber streams on the raw socket (native.py)
+            if native_app is not None or native_publish is not None:  # the raw socket (native.py)
                 handler = partial(
                     native.handle, app=native_app, fallback=handler,
                     max_ws_message=config.websocket_max_message_size, hangups=hangups,
+                    node=native_publish,
                 )
             try:
                 async with trio.open_nursery() as nursery:

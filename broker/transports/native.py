@@ -34,9 +34,11 @@ import wsproto
 import wsproto.events as wse
 from wsproto.connection import ConnectionType
 
+from broker.transports import native_publish
 from broker.wire import ws
 
 if TYPE_CHECKING:  # asgi imports the node, which imports the listener, which imports us
+    from broker.node import Node
     from broker.transports.asgi import ASGIApp, Message, Scope
 
 logger = logging.getLogger("broker.native")
@@ -285,22 +287,31 @@ def native_kind(request: h11.Request) -> str | None:
 async def handle(
     stream: trio.SocketStream,
     *,
-    app: ASGIApp,
+    app: ASGIApp | None,
     fallback: Fallback,
     max_ws_message: int,
     hangups: Hangups,
+    node: Node | None = None,
 ) -> None:
-    """One accepted connection: read its request head, then serve it here or hand it over."""
-    request, head = await _read_head(stream)
-    kind = native_kind(request) if request is not None else None
-    if request is None or kind is None:
+    """One accepted connection: read its request head, then serve it here or hand it over.
+    With ``app``, subscriber streams are served here; with ``node``, publish requests too
+    (native_publish.py), one after another on a keep-alive connection, until a request comes
+    that is not one."""
+    parser, request, head = await _read_head(stream)
+    if node is not None:
+        served = await _serve_publishes(stream, node, parser, request, head)
+        if served is None:
+            return await stream.aclose()
+        parser, request, head = served
+    kind = native_kind(request) if request is not None and app is not None else None
+    if request is None or kind is None or app is None:
         return await fallback(PrefixedStream(stream, head))
     try:
         if kind == "http":
             # Served in this frame, not in a coroutine of its own: each frame a stream keeps
             # is memory per subscriber.
             scope, exchange = _http_exchange(stream, request)
-            del request, head
+            del request, head, parser
             # The client sends nothing after its request: it is not read by a task of its own,
             # but watched with every other stream by `Hangups`, which tells the sink if it leaves.
             hangups.watch(stream.socket, exchange.sink)
@@ -310,7 +321,7 @@ async def handle(
                 hangups.unwatch(stream.socket)
         else:
             serve = _serve_websocket(stream, request, head, app, max_ws_message)
-            del request, head  # an idle socket keeps only what its handler kept
+            del request, head, parser  # an idle socket keeps only what its handler kept
             await serve
     except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass  # the client went away, or its connection was cut
@@ -320,12 +331,41 @@ async def handle(
         await stream.aclose()
 
 
-async def _read_head(stream: trio.SocketStream) -> tuple[h11.Request | None, bytes]:
-    """The request (None if there is none, or not a valid one) and every byte read."""
+Head = tuple[h11.Connection, h11.Request | None, bytes]
+
+
+async def _serve_publishes(
+    stream: trio.SocketStream, node: Node, parser: h11.Connection, request: h11.Request | None,
+    head: bytes,
+) -> Head | None:
+    """Answer publish requests as long as they come; then the request that is not one (with the
+    bytes read of it), or None when the connection is done."""
+    try:
+        while request is not None:
+            route = native_publish.route(request, node)
+            if route is None:
+                break
+            rest = await native_publish.serve(stream, parser, request, route, node)
+            if rest is None:
+                return None
+            parser, request, head = await _read_head(stream, rest)
+            if request is None and not head:  # the client closed, or left its connection idle
+                return None
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return None  # the client went away, or its connection was cut
+    return parser, request, head
+
+
+async def _read_head(stream: trio.SocketStream, data: bytes = b"") -> Head:
+    """The request (None if there is none, or not a valid one) and every byte read, from
+    ``data`` (what came after the previous request) on, with the parser that read them."""
     parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-    head = b""
+    head = data
     event: Any = h11.NEED_DATA
     try:
+        if data:  # (an empty receive_data is the end of the stream)
+            parser.receive_data(data)
+            event = parser.next_event()
         with trio.move_on_after(HEAD_TIMEOUT_SECONDS):
             while event is h11.NEED_DATA:
                 data = await stream.receive_some(65536)
@@ -336,7 +376,7 @@ async def _read_head(stream: trio.SocketStream) -> tuple[h11.Request | None, byt
                     break
     except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
         event = None
-    return (event if isinstance(event, h11.Request) else None), head
+    return parser, (event if isinstance(event, h11.Request) else None), head
 
 
 def _scope(stream: trio.SocketStream, request: h11.Request, kind: str) -> Scope:

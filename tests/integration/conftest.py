@@ -15,11 +15,12 @@ from broker.server import Running, Server
 StartBroker = Callable[..., Awaitable[Running]]
 
 
-# Subscriber streams have two paths (transports/native.py: the raw socket; hypercorn: the ASGI
-# one). The tests of these modules run against both; the others use the default (native).
+# Subscriber streams and publish requests have two paths (transports/native.py and
+# native_publish.py: the raw socket; hypercorn: the ASGI app). The tests of these modules run
+# against both; the others use the default (native).
 BOTH_STREAM_PATHS = {
     "test_transports", "test_websocket", "test_slow_reader", "test_errors", "test_churn",
-    "test_client", "test_operations", "test_cors",
+    "test_client", "test_operations", "test_cors", "test_publish",
 }
 
 
@@ -44,7 +45,7 @@ async def start_broker(nursery: trio.Nursery, stream_path: str) -> AsyncIterator
         # gRPC only where a test asks for it (grpc_listen="127.0.0.1:0"): it costs a loop
         settings = Settings(
             **{"port": 0, "grpc_listen": "off", "native_streams": stream_path == "native",
-               **overrides}
+               "native_publish": stream_path == "native", **overrides}
         )
         server = Server(settings)
         servers.append(server)

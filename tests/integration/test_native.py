@@ -29,17 +29,38 @@ async def test_an_http_1_0_stream_is_not_chunked(broker: Running) -> None:
     assert body.startswith(b"retry: ")
 
 
-async def test_a_stream_after_a_request_on_the_same_connection_goes_through_hypercorn(
+async def test_publishes_are_served_natively_and_so_is_a_stream_after_them(
     broker: Running,
 ) -> None:
-    """Only a connection's first request is looked at: a keep-alive connection that served a
-    publish and then asks for a stream gets it from the slow path, correctly."""
+    """A keep-alive connection's plain publishes are answered by the native path, and a stream
+    it asks for next is served natively too (hypercorn's answers carry ``server: hypercorn``)."""
     got = await exchange(
         broker,
         b"POST /v1/topics/a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
         b"GET /v1/sse?topic=a&from=earliest HTTP/1.1\r\nHost: x\r\n\r\n",
         b"data: hi\n\n",
     )
-    assert b'{"seq":1}' in got
-    second = got.split(b"HTTP/1.1 200", 2)[2]
-    assert b"server: hypercorn" in second and b"data: hi" in second
+    published, second = got.split(b"HTTP/1.1 200", 2)[1:]
+    assert b'{"seq":1}' in published and b"data: hi" in second
+    assert b"server: hypercorn" not in got
+
+
+async def test_a_request_after_a_publish_goes_to_hypercorn_with_its_bytes(broker: Running) -> None:
+    got = await exchange(
+        broker,
+        b"POST /v1/topics/a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        b'{"status":"ok"}',
+    )
+    published, health = got.split(b"HTTP/1.1 200", 2)[1:]
+    assert b"server: hypercorn" not in published and b"server: hypercorn" in health
+
+
+async def test_a_chunked_publish_is_served_by_hypercorn(broker: Running) -> None:
+    got = await exchange(
+        broker,
+        b"POST /v1/topics/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nhi\r\n0\r\n\r\n",
+        b'{"seq":1}',
+    )
+    assert got.startswith(b"HTTP/1.1 200") and b"server: hypercorn" in got
