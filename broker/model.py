@@ -20,6 +20,9 @@ MAX_IDEMPOTENCY_KEY_BYTES = 200
 MAX_SEQ = 2**63 - 1  # JetStream sequences are uint64; we stay within a signed 64-bit integer
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+\Z")
+# A whole valid topic in one match (the usual case, once per published event); what fails it
+# is checked token by token for the precise error.
+_TOPIC = re.compile(rf"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+){{0,{MAX_TOPIC_TOKENS - 1}}}\Z")
 _EPOCH = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _EVENT_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}\Z")
@@ -125,6 +128,8 @@ def _check_length(text: str, problem: Problem, what: str) -> list[str]:
 
 def validate_topic(text: str) -> str:
     """Return ``text`` if it is a valid topic, else raise `RequestError` (bad-topic)."""
+    if len(text) <= MAX_TOPIC_BYTES and _TOPIC.match(text):  # ASCII: characters are bytes
+        return text
     for token in _check_length(text, Problem.BAD_TOPIC, "topic"):
         if not _TOKEN.match(token):
             raise RequestError(
@@ -225,3 +230,15 @@ def validate_idempotency_key(key: str) -> str:
             "without spaces",
         )
     return key
+
+
+@dataclass(frozen=True, slots=True)
+class AppendRequest:
+    """One message to store. Validated by the caller (topic, event name, key, size)."""
+
+    topic: str
+    payload: bytes
+    content_type: str = "application/octet-stream"
+    event: str | None = None
+    key: str | None = None  # idempotency key
+    json_line: bool = field(default=False, compare=False, repr=False)  # see `Event.json_line`

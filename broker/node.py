@@ -12,14 +12,14 @@ from typing import Any
 
 import trio
 
-from broker.backplane.base import AppendRequest, AppendResult, Log
+from broker.backplane.base import AppendResult, Log
 from broker.config import Settings
 from broker.delivery import Framing, Heartbeats, Outlet, Router, Sink
 from broker.encoding import Format
 from broker.errors import Problem, RequestError, Unavailable
 from broker.hub import Hub
 from broker.metrics import Metrics
-from broker.model import Event, Filter, Gap, Position, Reset
+from broker.model import AppendRequest, Event, Filter, Gap, Position, Reset
 from broker.subscription import Subscription
 from broker.transports.listener import ConnectionRegistry
 from broker.wire import ndjson, pb, sse, ws

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from broker.model import Event, Filter, Gap
+from broker.model import AppendRequest, Event, Filter, Gap
 
 EventsHandler = Callable[[Sequence[Event]], None]
 ResetHandler = Callable[[str], None]
@@ -117,18 +117,6 @@ def scan_matching(
             if len(out) >= limit:
                 return out, i + 1
     return out, stop
-
-
-@dataclass(frozen=True, slots=True)
-class AppendRequest:
-    """One message to store. Validated by the caller (topic, event name, key, size)."""
-
-    topic: str
-    payload: bytes
-    content_type: str = "application/octet-stream"
-    event: str | None = None
-    key: str | None = None  # idempotency key
-    json_line: bool = field(default=False, compare=False, repr=False)  # see `Event.json_line`
 
 
 @dataclass(frozen=True, slots=True)

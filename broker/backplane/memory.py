@@ -27,7 +27,6 @@ import trio
 from broker.backplane.base import (
     MAX_SCAN_PER_READ,
     TOMBSTONE_TOPIC,
-    AppendRequest,
     AppendResult,
     EventsHandler,
     LogStatistics,
@@ -37,7 +36,7 @@ from broker.backplane.base import (
     scan_matching,
     tombstone,
 )
-from broker.model import Event, Filter, Gap, event_size
+from broker.model import AppendRequest, Event, Filter, Gap, event_size
 
 
 def new_epoch() -> str:

@@ -46,7 +46,6 @@ from nats.js.errors import APIError, BadRequestError, NotFoundError, ServiceUnav
 
 from broker.backplane.base import (
     MAX_SCAN_PER_READ,
-    AppendRequest,
     AppendResult,
     EventsHandler,
     LogStatistics,
@@ -57,7 +56,7 @@ from broker.backplane.base import (
     tombstone,
 )
 from broker.errors import Unavailable
-from broker.model import Event, Filter, Gap, event_size
+from broker.model import AppendRequest, Event, Filter, Gap, event_size
 
 logger = logging.getLogger("broker.nats")
 

@@ -28,9 +28,9 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from broker._pb import broker_pb2 as pb2
-from broker.backplane.base import AppendRequest, AppendResult
+from broker.backplane.base import AppendResult
 from broker.errors import Problem, RequestError, Unavailable
-from broker.model import Reset, parse_position
+from broker.model import AppendRequest, Reset, parse_position
 from broker.node import Node
 from broker.subscription import CloseReason, Subscription
 from broker.wire import pb

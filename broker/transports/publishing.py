@@ -16,9 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from werkzeug.http import parse_options_header
 
-from broker.backplane.base import AppendRequest, AppendResult
+from broker.backplane.base import AppendResult
 from broker.errors import Problem, RequestError
-from broker.model import validate_event_name, validate_idempotency_key, validate_topic
+from broker.model import (
+    AppendRequest,
+    validate_event_name,
+    validate_idempotency_key,
+    validate_topic,
+)
 from broker.wire import ndjson
 
 if TYPE_CHECKING:  # the node imports the listener, which imports the native path, which imports us
@@ -89,13 +94,7 @@ async def publish_batch(node: Node, body: bytes) -> bytes:
     lines = ndjson.parse_publish_batch(
         body, max_payload_bytes=settings.max_payload_bytes, max_lines=settings.max_batch_lines
     )
-    requests = [
-        AppendRequest(
-            line.topic, line.payload, line.content_type, line.event, line.key, line.json_line
-        )
-        for line in lines
-    ]
-    results = await node.publish(requests, "http-batch")
+    results = await node.publish(lines, "http-batch")
     out: dict[str, Any] = {"seqs": [r.seq for r in results]}
     duplicates = [i for i, r in enumerate(results) if r.duplicate]
     if duplicates:

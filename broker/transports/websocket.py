@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import trio
 
-from broker.backplane.base import AppendRequest
 from broker.delivery import Outlet, Sink
 from broker.errors import CloseCode, Problem, RequestError, Unavailable, problem_document
+from broker.model import AppendRequest
 from broker.node import Node
 from broker.subscription import CloseReason
 from broker.transports.asgi import AsgiWebSocketSink, Receive, Scope, Send

@@ -24,10 +24,10 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.backplane.base import AppendRequest, AppendResult, Log, ReadResult
+from broker.backplane.base import AppendResult, Log, ReadResult
 from broker.backplane.memory import MemoryLog
 from broker.backplane.nats import JetStreamLog
-from broker.model import Event, Filter, Gap
+from broker.model import AppendRequest, Event, Filter, Gap
 
 MiB = 1024 * 1024
 DEADLINE_SECONDS = 10  # for anything a test waits on: announcements, reads

@@ -14,12 +14,11 @@ import pytest
 import trio
 import trio.testing
 
-from broker.backplane.base import AppendRequest
 from broker.backplane.memory import MemoryLog
 from broker.delivery import Framing, Heartbeats, Outlet, Router
 from broker.encoding import Format
 from broker.hub import Hub
-from broker.model import Event, Filter, Gap
+from broker.model import AppendRequest, Event, Filter, Gap
 from broker.node import Framings
 from broker.subscription import CloseReason, OverflowPolicy, State, Subscription
 

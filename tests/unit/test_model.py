@@ -234,6 +234,25 @@ def test_validate_topic_raises_only_request_error(text: str) -> None:
         assert parse_pattern(text).is_literal
 
 
+def _valid_token_by_token(text: str) -> bool:
+    tokens = text.split(".")
+    return (0 < len(text.encode("utf-8", "surrogatepass")) <= 255 and len(tokens) <= 16
+            and all(t and all(c.isascii() and (c.isalnum() or c in "_-") for c in t)
+                    for t in tokens))
+
+
+@given(st.text(alphabet="aZ9_-.\n é", max_size=40) | st.from_regex(r"(a\.){14,17}a\Z")
+       | st.text(alphabet="ab", min_size=250, max_size=260))
+def test_validate_topic_fast_path_agrees_with_the_token_rules(text: str) -> None:
+    """The whole-topic regex that accepts most topics at once accepts exactly the valid ones."""
+    try:
+        validate_topic(text)
+        valid = True
+    except RequestError:
+        valid = False
+    assert valid == _valid_token_by_token(text)
+
+
 @given(topics, st.data())
 def test_pattern_from_a_topics_own_tokens_matches_it(topic: str, data: st.DataObject) -> None:
     assert validate_topic(topic) == topic

@@ -11,9 +11,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from broker.errors import Problem, ProtocolError, RequestError
-from broker.model import Event
+from broker.model import AppendRequest, Event
 from broker.wire import ndjson
-from broker.wire.ndjson import LineSplitter, PublishRequest, parse_publish_batch, parse_publish_line
+from broker.wire.ndjson import LineSplitter, parse_publish_batch, parse_publish_line
 
 MiB = 1_048_576
 HEAD = b'{"seq":7,"topic":"chat.lobby","time":1763730523123'
@@ -218,9 +218,9 @@ PROTOCOL_BATCH = (
     b'{"topic": "chat.lobby", "data_b64": "AAEC", "content_type": "application/octet-stream"}\n'
 )
 PROTOCOL_REQUESTS = [
-    PublishRequest("chat.lobby", b'{"text":"hi"}', "application/json"),
-    PublishRequest("chat.lobby", b"plain text", "text/plain; charset=utf-8", "note", "key-17"),
-    PublishRequest("chat.lobby", b"\x00\x01\x02", "application/octet-stream"),
+    AppendRequest("chat.lobby", b'{"text":"hi"}', "application/json"),
+    AppendRequest("chat.lobby", b"plain text", "text/plain; charset=utf-8", "note", "key-17"),
+    AppendRequest("chat.lobby", b"\x00\x01\x02", "application/octet-stream"),
 ]
 
 
@@ -235,33 +235,33 @@ def test_protocol_batch_example() -> None:
 @pytest.mark.parametrize(
     ("line", "expected"),
     [
-        ('{"topic":"t","data":7}', PublishRequest("t", b"7", "application/json")),
-        ('{"topic":"t","data":null}', PublishRequest("t", b"null", "application/json")),
+        ('{"topic":"t","data":7}', AppendRequest("t", b"7", "application/json")),
+        ('{"topic":"t","data":null}', AppendRequest("t", b"null", "application/json")),
         (
             '{"topic":"t","data":[true, 1.5]}',
-            PublishRequest("t", b"[true,1.5]", "application/json"),
+            AppendRequest("t", b"[true,1.5]", "application/json"),
         ),
         (
             '{"topic":"t","data":{"é": "☃"}}',
-            PublishRequest("t", '{"é":"☃"}'.encode(), "application/json"),
+            AppendRequest("t", '{"é":"☃"}'.encode(), "application/json"),
         ),
-        ('{"topic":"t","data":""}', PublishRequest("t", b"", "text/plain; charset=utf-8")),
+        ('{"topic":"t","data":""}', AppendRequest("t", b"", "text/plain; charset=utf-8")),
         (
             '{"topic":"t","data":"\\u00e9"}',
-            PublishRequest("t", "é".encode(), "text/plain; charset=utf-8"),
+            AppendRequest("t", "é".encode(), "text/plain; charset=utf-8"),
         ),
-        ('{"topic":"t","data_b64":""}', PublishRequest("t", b"", "application/octet-stream")),
+        ('{"topic":"t","data_b64":""}', AppendRequest("t", b"", "application/octet-stream")),
         (
             '{"topic":"t","data":"x","content_type":"text/markdown; charset=utf-8"}',
-            PublishRequest("t", b"x", "text/markdown; charset=utf-8"),
+            AppendRequest("t", b"x", "text/markdown; charset=utf-8"),
         ),
         (
             '{"topic":"t","data":"x","event":null,"id":null,"content_type":null}',
-            PublishRequest("t", b"x", "text/plain; charset=utf-8"),
+            AppendRequest("t", b"x", "text/plain; charset=utf-8"),
         ),
     ],
 )
-def test_parse_publish_line(line: str, expected: PublishRequest) -> None:
+def test_parse_publish_line(line: str, expected: AppendRequest) -> None:
     assert parse_publish_line(line.encode(), max_payload_bytes=MiB) == expected
 
 
