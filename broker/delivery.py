@@ -172,6 +172,7 @@ class Router:
             for start in range(0, len(batch), self._max):
                 if incarnation != self._incarnation:
                     break
+                self._hub.now = trio.current_time()
                 self._hub.route(batch[start : start + self._max])
                 await trio.lowlevel.checkpoint()
 
@@ -296,9 +297,14 @@ class Outlet:
         if sink is None or self._parked is None or self._greetings or self.draining:
             return self._wake()
         subs = self.subscriptions.values()
+        if len(subs) == 1:  # SSE, NDJSON, most WebSockets: no generator, no copy
+            (sub,) = subs
+            if sub.state is not State.LIVE or (sub.has_pending and not self._write_now(sink, sub)):
+                return self._wake()
+            return None
         if any(sub.state is not State.LIVE for sub in subs):
             return self._wake()
-        for sub in list(subs) if len(subs) > 1 else subs:
+        for sub in list(subs):
             if sub.has_pending and not self._write_now(sink, sub):
                 return self._wake()  # the socket is full: the writer takes it from here
         return None
@@ -309,17 +315,21 @@ class Outlet:
         items = sub.take()
         first = items[0]
         if len(items) == 1 and type(first) is Run and self.framing.joined:
-            frames = [first.joined(self.framing.fmt)]  # the common case: one run, one buffer
+            data = first.joined(self.framing.fmt)  # the common case: one run, one buffer
             delivered = len(first.events)
+            written = sink.write_nowait(data)
+            if not written:
+                self._greetings.append(data)
+            self.last_write = self.hub.now  # a run is pushed by the router, inside `route`
         else:
             frames = self.framing.render(sub, items)
             delivered = sum(len(i.events) for i in items if isinstance(i, Run))
-        written = sink.write_nowait_many(frames)
-        if not written:
-            self._greetings.extend(frames)
-        elif sink.pending:
+            written = sink.write_nowait_many(frames)
+            if not written:
+                self._greetings.extend(frames)
+            self.last_write = trio.current_time()
+        if written and sink.pending:
             self._wake()  # the writer sends the rest
-        self.last_write = trio.current_time()
         self._count(sub, delivered)
         return written
 

@@ -57,22 +57,17 @@ class Format:
 class Run:
     """Consecutive events of one topic, in seq order, with their frames encoded once per format."""
 
-    __slots__ = ("_frames", "_joined", "events", "nbytes", "topic")
+    __slots__ = ("_frames", "_joined", "events", "first_seq", "last_seq", "nbytes", "topic")
 
     def __init__(self, topic: str, events: Sequence[Event]) -> None:
         self.topic = topic
         self.events = events
+        # read by every subscriber's push: attributes, not properties
+        self.first_seq = events[0].seq
+        self.last_seq = events[-1].seq
         self.nbytes = sum(event_size(e) for e in events)
         self._frames: dict[Format, list[bytes]] = {}
         self._joined: dict[Format, bytes] = {}
-
-    @property
-    def first_seq(self) -> int:
-        return self.events[0].seq
-
-    @property
-    def last_seq(self) -> int:
-        return self.events[-1].seq
 
     def frames(self, fmt: Format) -> list[bytes]:
         """One frame per event (for message-oriented transports: WebSocket, gRPC)."""

@@ -130,6 +130,9 @@ class Hub:
         self._subscriptions: dict[Subscription, None] = {}
         # Every event with seq <= routed_seq has been offered to the subscriptions.
         self.routed_seq = routed_seq
+        # The clock (trio's) when the router began routing the current batch: the outlets that
+        # write from inside `route` note it as the time of their last write.
+        self.now = 0.0
         self.routed_events = 0
         self.routed_runs = 0
         self.pushes = 0
