@@ -135,16 +135,21 @@ def markdown(record: dict[str, Any]) -> str:
     latency = results.get("latency")
     if latency:
         lines += ["## Latency at a light load", "",
-                  f"{latency['subscribers']} SSE subscribers; publish rate {latency['rate']:,} "
+                  f"SSE subscribers; publish rate {latency['rate']:,} "
                   f"msg/s ({latency['rate_from']}); HTTP single requests at most 500/s.", "",
-                  "| path | publish msg/s | lost | p50 ms | p99 ms | max ms | server CPU % |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for path in ("embedded http-batch", "embedded http", "nats"):
-            r = latency.get(path)
+                  "| path | subscribers | publish msg/s | lost | p50 ms | p99 ms | max ms | "
+                  "server CPU % |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        latency_rows = [("embedded http-batch x1", 1), ("embedded http-batch x10", 10),
+                ("embedded http-batch", latency["subscribers"]),
+                ("embedded http", latency["subscribers"]), ("nats", latency["subscribers"])]
+        for key, subscribers in latency_rows:
+            r = latency.get(key)
             if r:
                 lat = r["latency"]
-                lines.append(f"| {path} | {r['rate']:,} | {r['lost']} | {lat.get('p50_ms')} | "
-                             f"{lat.get('p99_ms')} | {lat.get('max_ms')} | "
+                path = key.split(" x")[0]
+                lines.append(f"| {path} | {subscribers} | {r['rate']:,} | {r['lost']} | "
+                             f"{lat.get('p50_ms')} | {lat.get('p99_ms')} | {lat.get('max_ms')} | "
                              f"{r['server_cpu_percent']} |")
         lines.append("")
     if "cluster" in results:

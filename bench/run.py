@@ -643,7 +643,8 @@ def scenario_latency(plan: Plan) -> dict[str, Any]:
     """Publish -> delivery latency at a light load: 100 SSE subscribers, published at 10 % of
     the highest rate the fan-out scenario sustained for them in this run (or
     ``plan.latency_rate``), embedded (HTTP batch; HTTP single requests, at most 500/s) and through
-    NATS (core NATS publish to the stream's subject, a node on JetStream delivering)."""
+    NATS (core NATS publish to the stream's subject, a node on JetStream delivering); and HTTP
+    batches at the same rate to 1 and to 10 subscribers."""
     n = 100
     fanout = RESULTS.get("fanout", {}).get("broker", {}).get("sse", {}).get(str(n), {})
     best = (fanout or {}).get("best")
@@ -652,6 +653,13 @@ def scenario_latency(plan: Plan) -> dict[str, Any]:
                            "rate_from": "fan-out sse x100 / 10" if best else "plan"}
     target = start_broker()
     try:
+        # the same rate with fewer subscribers: how much of the latency is the fan-out's
+        for few in (1, 10):
+            subs = Subscribers(target, "sse", few)
+            result = step(target, subs, rate, plan.seconds, mode="http-batch")
+            out[f"embedded http-batch x{few}"] = result.__dict__
+            log(f"  latency embedded http-batch, {few} subscribers: {result.latency}")
+            subs.close()
         subs = Subscribers(target, "sse", n)
         for mode, mode_rate in (("http-batch", rate), ("http", min(rate, 500.0))):
             result = step(target, subs, mode_rate, plan.seconds, mode=mode)
