@@ -303,6 +303,7 @@ async def handle(
         if served is None:
             return await stream.aclose()
         parser, request, head = served
+        del served  # (it holds the parser: ~2 KB an open stream need not keep)
     kind = native_kind(request) if request is not None and app is not None else None
     if request is None or kind is None or app is None:
         return await fallback(PrefixedStream(stream, head))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+
+import h11
 import trio
 
 from broker.server import Running
@@ -64,3 +67,32 @@ async def test_a_chunked_publish_is_served_by_hypercorn(broker: Running) -> None
         b'{"seq":1}',
     )
     assert got.startswith(b"HTTP/1.1 200") and b"server: hypercorn" in got
+
+
+async def test_an_open_native_stream_keeps_no_parser(broker: Running) -> None:
+    """What an idle stream keeps is memory per subscriber (decisions #22): the h11 parser that
+    read its head (and the publishes before it) is let go once the stream is served."""
+    port = int(broker.url.rsplit(":", 1)[1])
+    requests = [
+        b"GET /v1/sse?topic=a HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /v1/topics/a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
+        b"GET /v1/sse?topic=a HTTP/1.1\r\nHost: x\r\n\r\n",
+    ]
+    streams = []
+    try:
+        for request in requests:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            streams.append(stream)
+            await stream.send_all(request)
+            got = b""
+            with trio.fail_after(10):
+                while b"retry: " not in got:
+                    got += await stream.receive_some(65536)
+        with trio.fail_after(10):
+            while len(broker.node.hub) < 2:
+                await trio.sleep(0.01)
+        gc.collect()
+        assert [o for o in gc.get_objects() if isinstance(o, h11.Connection)] == []
+    finally:
+        for stream in streams:
+            await stream.aclose()
