@@ -299,9 +299,14 @@ async def handle(
     that is not one."""
     parser, request, head = await _read_head(stream)
     if node is not None:
-        served = await _serve_publishes(stream, node, parser, request, head)
+        served = None
+        try:
+            served = await _serve_publishes(stream, node, parser, request, head)
+        finally:
+            if served is None:  # done, broken or cancelled: the connection is ours to close
+                await stream.aclose()
         if served is None:
-            return await stream.aclose()
+            return None
         parser, request, head = served
         del served  # (it holds the parser: ~2 KB an open stream need not keep)
     kind = native_kind(request) if request is not None and app is not None else None
@@ -352,8 +357,11 @@ async def _serve_publishes(
             parser, request, head = await _read_head(stream, rest)
             if request is None and not head:  # the client closed, or left its connection idle
                 return None
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError):
         return None  # the client went away, or its connection was cut
+    except Exception:  # a bug: this connection ends, the others go on
+        logger.exception("native publish connection failed")
+        return None
     return parser, request, head
 
 

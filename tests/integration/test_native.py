@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 
 import h11
+import pytest
 import trio
 
 from broker.server import Running
@@ -32,31 +33,28 @@ async def test_an_http_1_0_stream_is_not_chunked(broker: Running) -> None:
     assert body.startswith(b"retry: ")
 
 
-async def test_publishes_are_served_natively_and_so_is_a_stream_after_them(
-    broker: Running,
+PUBLISH = b"POST /v1/topics/a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
+
+
+@pytest.mark.parametrize(
+    ("second", "until", "by_hypercorn"),
+    [
+        (b"GET /v1/sse?topic=a&from=earliest HTTP/1.1\r\nHost: x\r\n\r\n", b"data: hi\n\n",
+         False),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b'{"status":"ok"}', True),
+    ],
+    ids=["stream", "health"],
+)
+async def test_what_follows_a_native_publish_on_its_connection(
+    broker: Running, second: bytes, until: bytes, by_hypercorn: bool
 ) -> None:
-    """A keep-alive connection's plain publishes are answered by the native path, and a stream
-    it asks for next is served natively too (hypercorn's answers carry ``server: hypercorn``)."""
-    got = await exchange(
-        broker,
-        b"POST /v1/topics/a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
-        b"GET /v1/sse?topic=a&from=earliest HTTP/1.1\r\nHost: x\r\n\r\n",
-        b"data: hi\n\n",
-    )
-    published, second = got.split(b"HTTP/1.1 200", 2)[1:]
-    assert b'{"seq":1}' in published and b"data: hi" in second
-    assert b"server: hypercorn" not in got
-
-
-async def test_a_request_after_a_publish_goes_to_hypercorn_with_its_bytes(broker: Running) -> None:
-    got = await exchange(
-        broker,
-        b"POST /v1/topics/a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
-        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
-        b'{"status":"ok"}',
-    )
-    published, health = got.split(b"HTTP/1.1 200", 2)[1:]
-    assert b"server: hypercorn" not in published and b"server: hypercorn" in health
+    """A plain publish is answered natively; a stream asked for next on the same connection is
+    served natively too, anything else by hypercorn (whose answers carry ``server:
+    hypercorn``), with the bytes already read."""
+    got = await exchange(broker, PUBLISH + second, until)
+    published, answer = got.split(b"HTTP/1.1 200", 2)[1:]
+    assert b'{"seq":1}' in published and b"server: hypercorn" not in published
+    assert until in answer and (b"server: hypercorn" in answer) == by_hypercorn
 
 
 async def test_a_chunked_publish_is_served_by_hypercorn(broker: Running) -> None:
