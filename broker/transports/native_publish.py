@@ -47,6 +47,7 @@ class Route:
 
     topic: str | None
     path: str
+    headers: dict[bytes, bytes]  # the first of repeated headers, as werkzeug's get()
 
 
 def route(request: h11.Request, node: Node) -> Route | None:
@@ -63,15 +64,15 @@ def route(request: h11.Request, node: Node) -> Route | None:
         topic, limit = unquote(match[1].decode("ascii")), settings.max_payload_bytes
     else:
         return None
-    length = None
+    headers: dict[bytes, bytes] = {}
     for name, value in request.headers:
         if name in _HANDED_OVER:
             return None
-        if name == b"content-length":
-            length = int(value)  # h11 has checked it
-    if length is None or length > limit:
+        headers.setdefault(name, value)
+    length = headers.get(b"content-length")
+    if length is None or int(length) > limit:  # (h11 has checked that it is a number)
         return None
-    return Route(topic, unquote(raw_path.decode("ascii")))
+    return Route(topic, unquote(raw_path.decode("ascii")), headers)
 
 
 async def serve(
@@ -83,9 +84,7 @@ async def serve(
     body = await _read_body(stream, parser)
     if body is None:
         return None
-    headers: dict[bytes, bytes] = {}
-    for name, value in request.headers:
-        headers.setdefault(name, value)  # the first of repeated headers, as werkzeug's get()
+    headers = route.headers
     extra = b""
     try:
         if route.topic is None:
