@@ -140,14 +140,18 @@ def markdown(record: dict[str, Any]) -> str:
                   "| path | subscribers | publish msg/s | lost | p50 ms | p99 ms | max ms | "
                   "server CPU % |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        latency_rows = [("embedded http-batch x1", 1), ("embedded http-batch x10", 10),
-                ("embedded http-batch", latency["subscribers"]),
-                ("embedded http", latency["subscribers"]), ("nats", latency["subscribers"])]
-        for key, subscribers in latency_rows:
+        n = latency["subscribers"]
+        latency_rows = [  # (path, its key in the record, subscribers)
+            ("embedded http-batch", "embedded http-batch x1", 1),
+            ("embedded http-batch", "embedded http-batch x10", 10),
+            ("embedded http-batch", "embedded http-batch", n),
+            ("embedded http", "embedded http", n),
+            ("nats", "nats", n),
+        ]
+        for path, key, subscribers in latency_rows:
             r = latency.get(key)
             if r:
                 lat = r["latency"]
-                path = key.split(" x")[0]
                 lines.append(f"| {path} | {subscribers} | {r['rate']:,} | {r['lost']} | "
                              f"{lat.get('p50_ms')} | {lat.get('p99_ms')} | {lat.get('max_ms')} | "
                              f"{r['server_cpu_percent']} |")
