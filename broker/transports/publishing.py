@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from typing import TYPE_CHECKING, Any
 
 from werkzeug.http import parse_options_header
@@ -30,8 +29,6 @@ if TYPE_CHECKING:  # the node imports the listener, which imports the native pat
     from broker.node import Node
 
 BATCH_MEDIA_TYPES = {"application/x-ndjson", "application/jsonl", "application/x-jsonlines"}
-DEFAULT_CONTENT_TYPE = "application/octet-stream"
-_CONTENT_TYPE = re.compile(r"[\x20-\x7e]{1,255}\Z")
 
 
 def answer(body: dict[str, Any]) -> bytes:
@@ -65,9 +62,14 @@ def single(
     if key is not None:
         validate_idempotency_key(key)
     if content_type is None:
-        content_type = DEFAULT_CONTENT_TYPE
-    elif not _CONTENT_TYPE.match(content_type):
-        raise RequestError(Problem.BAD_PARAMETER, "invalid Content-Type", name="Content-Type")
+        content_type = ndjson.BINARY_CONTENT_TYPE
+    else:
+        try:
+            ndjson.validate_content_type(content_type)  # the rule a batch line's override has
+        except ValueError:
+            raise RequestError(
+                Problem.BAD_PARAMETER, "invalid Content-Type", name="Content-Type"
+            ) from None
     return AppendRequest(topic, b"", content_type, event, key)
 
 
