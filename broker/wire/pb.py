@@ -10,13 +10,20 @@ Field numbers are those of ``protos/broker/v1/broker.proto``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from broker.model import Event
 
 # Delivery's fields
 _EVENTS, _GAPS, _RESET, _SUBSCRIBED, _HEARTBEAT, _ACK, _ERROR = 1, 2, 3, 4, 5, 6, 7
 
 
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
+
+
 def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _ONE_BYTE[n]
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -37,17 +44,46 @@ def _str_field(number: int, text: str | None) -> bytes:
     return _bytes_field(number, text.encode()) if text else b""
 
 
+# An event's topic, content type and name fields, encoded once per distinct string (a
+# broker sees few of each); cleared when one grows past this many.
+_MAX_CACHED = 10_000
+_topic_fields: dict[str, bytes] = {}
+_type_fields: dict[str | None, bytes] = {}
+_name_fields: dict[str | None, bytes] = {}
+
+
+def _cached_str_field(cache: dict[Any, bytes], number: int, text: str | None) -> bytes:
+    field = cache.get(text)
+    if field is None:
+        if len(cache) >= _MAX_CACHED:
+            cache.clear()
+        field = cache[text] = _str_field(number, text)
+    return field
+
+
 def encode_event(event: Event) -> bytes:
-    """The event as one ``events`` entry of a ``Delivery``."""
-    body = (
-        _int_field(1, event.seq)
-        + _str_field(2, event.topic)
-        + _int_field(3, max(0, round(event.time * 1000)))
-        + (_bytes_field(4, event.payload) if event.payload else b"")
-        + _str_field(5, event.content_type)
-        + _str_field(6, event.event)
+    """The event as one ``events`` entry of a ``Delivery`` (fields 1-6 of ``Event``, by hand:
+    this runs once per event and transport, ~2 us)."""
+    seq, payload = event.seq, event.payload
+    millis = max(0, round(event.time * 1000))
+    topic = _topic_fields.get(event.topic) or _cached_str_field(_topic_fields, 2, event.topic)
+    content_type = _type_fields.get(event.content_type)
+    if content_type is None:
+        content_type = _cached_str_field(_type_fields, 5, event.content_type)
+    name = _name_fields.get(event.event)
+    if name is None:
+        name = _cached_str_field(_name_fields, 6, event.event)
+    body = b"".join(
+        (
+            b"\x08" + _varint(seq) if seq else b"",
+            topic,
+            b"\x18" + _varint(millis) if millis else b"",
+            b"\x22" + _varint(len(payload)) + payload if payload else b"",
+            content_type,
+            name,
+        )
     )
-    return _bytes_field(_EVENTS, body)
+    return b"\x0a" + _varint(len(body)) + body
 
 
 def encode_gap(from_seq: int, to_seq: int, topic: str | None = None, sub: str = "") -> bytes:
