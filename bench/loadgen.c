@@ -2,8 +2,12 @@
  * (which documents them), at a fraction of the cost per read, so that the load generator is
  * never what bounds a fan-out measurement. Built by bench/run.py with the system's cc.
  *
- *   loadgen --port P --transport sse|ndjson|ws|nats-ws --path PATH --connections N
+ *   loadgen --port P --transport sse|ndjson|ws|nats-ws|grpc --path PATH --connections N
  *           [--sample-every K] [--ws-subscribe TOPIC] [--nats-subject SUBJ]
+ *
+ * grpc: one broker.v1.Broker/Subscribe call per connection (HTTP/2 with prior knowledge, the
+ * topic from --ws-subscribe), with flow-control windows kept wide open; events are counted in
+ * the DATA frames as for the other transports.
  *
  * stdin: "reset", "report", "quit" (one per line); stdout: one JSON object per line.
  */
@@ -26,7 +30,7 @@
 #define MAX_SAMPLES 400000
 #define RECV_BYTES 262144
 
-enum { SSE, NDJSON, WS, NATS_WS };
+enum { SSE, NDJSON, WS, NATS_WS, GRPC };
 
 typedef struct {
     int fd, ready, closed, sampled, paused;
@@ -44,6 +48,14 @@ typedef struct {
     int ws_hdr_len;
     long ws_left;
     int ws_opcode;
+    /* HTTP/2 */
+    unsigned char h2_hdr[9];
+    int h2_hdr_len;
+    long h2_left;
+    int h2_type, h2_flags;
+    unsigned char h2_ping[8];
+    int h2_ping_len;
+    long h2_unacked;  /* DATA bytes since the last WINDOW_UPDATE */
     /* marker matching across reads: how many bytes of MARKER are matched so far */
     int match;
     /* sampled: digits of the stamp being read */
@@ -206,8 +218,117 @@ static void ws_bytes(conn_t *c, const char *p, size_t n, double t) {
     }
 }
 
+static size_t h2_frame(unsigned char *out, int type, int flags, uint32_t stream, size_t n) {
+    out[0] = (unsigned char)(n >> 16); out[1] = (unsigned char)(n >> 8); out[2] = (unsigned char)n;
+    out[3] = (unsigned char)type; out[4] = (unsigned char)flags;
+    out[5] = (unsigned char)(stream >> 24); out[6] = (unsigned char)(stream >> 16);
+    out[7] = (unsigned char)(stream >> 8); out[8] = (unsigned char)stream;
+    return 9;
+}
+
+static void h2_window_update(conn_t *c, uint32_t stream, uint32_t increment) {
+    unsigned char f[13];
+    h2_frame(f, 8, 0, stream, 4);
+    f[9] = (unsigned char)(increment >> 24); f[10] = (unsigned char)(increment >> 16);
+    f[11] = (unsigned char)(increment >> 8); f[12] = (unsigned char)increment;
+    send_all(c, f, sizeof f);
+}
+
+static size_t hpack_literal(unsigned char *out, const char *name, const char *value) {
+    size_t n = strlen(name), v = strlen(value), i = 0;
+    out[i++] = 0;  /* literal without indexing, new name, no Huffman (lengths < 127) */
+    out[i++] = (unsigned char)n; memcpy(out + i, name, n); i += n;
+    out[i++] = (unsigned char)v; memcpy(out + i, value, v); i += v;
+    return i;
+}
+
+/* The connection preface, our SETTINGS (windows and frames as large as allowed), the
+ * connection window opened, and the Subscribe call: HEADERS, then its one message. */
+static size_t grpc_request(unsigned char *out, const char *topic) {
+    size_t i = 0;
+    memcpy(out, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 24); i += 24;
+    i += h2_frame(out + i, 4, 0, 0, 12);
+    const unsigned char settings[12] = {0, 4, 0x7f, 0xff, 0xff, 0xff,   /* INITIAL_WINDOW_SIZE */
+                                        0, 5, 0x00, 0xff, 0xff, 0xff};  /* MAX_FRAME_SIZE */
+    memcpy(out + i, settings, 12); i += 12;
+    i += h2_frame(out + i, 8, 0, 0, 4);
+    uint32_t more = 0x7fffffff - 65535;
+    out[i++] = (unsigned char)(more >> 24); out[i++] = (unsigned char)(more >> 16);
+    out[i++] = (unsigned char)(more >> 8); out[i++] = (unsigned char)more;
+    unsigned char block[512];
+    size_t b = 0;
+    block[b++] = 0x83;  /* :method POST (static table) */
+    block[b++] = 0x86;  /* :scheme http */
+    b += hpack_literal(block + b, ":path", "/broker.v1.Broker/Subscribe");
+    b += hpack_literal(block + b, ":authority", "127.0.0.1");
+    b += hpack_literal(block + b, "content-type", "application/grpc");
+    b += hpack_literal(block + b, "te", "trailers");
+    i += h2_frame(out + i, 1, 0x4, 1, b);  /* END_HEADERS */
+    memcpy(out + i, block, b); i += b;
+    size_t t = strlen(topic);
+    size_t message = 2 + t;  /* SubscribeRequest: field 1 (topics), one string */
+    i += h2_frame(out + i, 0, 0x1, 1, 5 + message);  /* END_STREAM */
+    out[i++] = 0; out[i++] = 0; out[i++] = 0; out[i++] = 0; out[i++] = (unsigned char)message;
+    out[i++] = 0x0a; out[i++] = (unsigned char)t;
+    memcpy(out + i, topic, t); i += t;
+    return i;
+}
+
+/* Frames are walked for their heads: SETTINGS and PING are acknowledged, the end of the stream
+ * (trailers, RST_STREAM, GOAWAY) ends the connection, DATA is counted and its window given
+ * back; events are then counted in the whole read at once, as for WebSocket (a frame is a whole
+ * message: MAX_FRAME_SIZE is 16 MiB, a Delivery at most 1 MiB). */
+static void grpc_bytes(conn_t *c, const char *p, size_t n, double t) {
+    size_t i = 0;
+    long data = 0;
+    while (i < n) {
+        if (c->h2_left > 0) {
+            size_t take = (size_t)c->h2_left < n - i ? (size_t)c->h2_left : n - i;
+            if (c->h2_type == 6 && !(c->h2_flags & 1))
+                for (size_t k = 0; k < take && c->h2_ping_len < 8; k++)
+                    c->h2_ping[c->h2_ping_len++] = (unsigned char)p[i + k];
+            if (c->h2_type == 0) data += (long)take;
+            i += take;
+            c->h2_left -= (long)take;
+            if (!c->h2_left && c->h2_type == 6 && !(c->h2_flags & 1)) {
+                unsigned char f[17];
+                h2_frame(f, 6, 1, 0, 8);
+                memcpy(f + 9, c->h2_ping, 8);
+                send_all(c, f, sizeof f);
+            }
+            continue;
+        }
+        c->h2_hdr[c->h2_hdr_len++] = (unsigned char)p[i++];
+        if (c->h2_hdr_len < 9) continue;
+        c->h2_hdr_len = 0;
+        const unsigned char *h = c->h2_hdr;
+        c->h2_left = (h[0] << 16) | (h[1] << 8) | h[2];
+        c->h2_type = h[3];
+        c->h2_flags = h[4];
+        c->h2_ping_len = 0;
+        if (c->h2_type == 0 && !c->ready) c->ready = 1;  /* the greeting (subscribed) */
+        if (c->h2_type == 4 && !(c->h2_flags & 1)) {
+            unsigned char f[9];
+            send_all(c, f, h2_frame(f, 4, 1, 0, 0));
+        }
+        if ((c->h2_type == 1 || c->h2_type == 0) && (c->h2_flags & 1)) {
+            fail(c, "the server ended the call");
+            return;
+        }
+        if (c->h2_type == 3 || c->h2_type == 7) { fail(c, "the server reset the call"); return; }
+    }
+    c->h2_unacked += data;
+    if (c->h2_unacked > (64L << 20)) {  /* 64 MiB read: give it back (windows are ~2 GiB) */
+        h2_window_update(c, 1, (uint32_t)c->h2_unacked);
+        h2_window_update(c, 0, (uint32_t)c->h2_unacked);
+        c->h2_unacked = 0;
+    }
+    if (c->ready) app_bytes(c, p, n, t);
+}
+
 static void body_bytes(conn_t *c, const char *p, size_t n, double t) {
     if (transport == WS || transport == NATS_WS) { ws_bytes(c, p, n, t); return; }
+    if (transport == GRPC) { grpc_bytes(c, p, n, t); return; }
     if (!c->chunked) { app_bytes(c, p, n, t); return; }
     size_t i = 0;
     while (i < n) {
@@ -239,7 +360,7 @@ static void readable(conn_t *c, char *buf) {
     if (n < 0) { if (errno != EAGAIN) fail(c, "recv failed"); return; }
     if (n == 0) { fail(c, "closed by the server"); return; }
     double t = c->sampled ? now() : 0;
-    if (c->ready) { body_bytes(c, buf, (size_t)n, t); return; }
+    if (c->ready || transport == GRPC) { body_bytes(c, buf, (size_t)n, t); return; }
     size_t room = sizeof c->head - 1 - (size_t)c->head_len;
     size_t take = (size_t)n < room ? (size_t)n : room;
     memcpy(c->head + c->head_len, buf, take);
@@ -333,7 +454,7 @@ int main(int argc, char **argv) {
             snprintf(nats_subject, sizeof nats_subject, "%s", argv[i + 1]);
     }
     transport = !strcmp(tname, "ndjson") ? NDJSON : !strcmp(tname, "ws") ? WS
-              : !strcmp(tname, "nats-ws") ? NATS_WS : SSE;
+              : !strcmp(tname, "nats-ws") ? NATS_WS : !strcmp(tname, "grpc") ? GRPC : SSE;
     struct rlimit rl;
     getrlimit(RLIMIT_NOFILE, &rl);
     rl.rlim_cur = rl.rlim_max;
@@ -359,7 +480,13 @@ int main(int argc, char **argv) {
             if (connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0) { fail(c, "connect failed"); continue; }
             expand(target, sizeof target, path, i);
             int rlen;
-            if (transport == SSE || transport == NDJSON)
+            if (transport == GRPC) {
+                char topic[300];
+                unsigned char h2req[1024];
+                expand(topic, sizeof topic, ws_subscribe, i);
+                send_all(c, h2req, grpc_request(h2req, topic));
+                rlen = 0;
+            } else if (transport == SSE || transport == NDJSON)
                 rlen = snprintf(request, sizeof request, "GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
                                 "Accept: %s\r\nUser-Agent: broker-bench-c\r\n\r\n", target, port,
                                 accept);
@@ -369,7 +496,7 @@ int main(int argc, char **argv) {
                                 "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                                 "Sec-WebSocket-Version: 13\r\n%s\r\n", target, port,
                                 transport == WS ? "Sec-WebSocket-Protocol: broker.v1.json\r\n" : "");
-            send_all(c, request, (size_t)rlen);
+            if (rlen) send_all(c, request, (size_t)rlen);
             fcntl(c->fd, F_SETFL, O_NONBLOCK);
             struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
             epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev);

@@ -506,7 +506,7 @@ def scenario_fanout(plan: Plan) -> dict[str, Any]:
 
 
 def scenario_grpc_fanout(plan: Plan) -> dict[str, Any]:
-    """gRPC subscribers (grpc.aio in the load generator process)."""
+    """gRPC subscribers (`GrpcSubscribers`: the C load generator speaking HTTP/2)."""
     out: dict[str, Any] = {}
     for n in plan.fanout_subscribers[:2]:
         label = f"fan-out broker grpc x{n}"
@@ -524,10 +524,19 @@ def scenario_grpc_fanout(plan: Plan) -> dict[str, Any]:
 
 
 class GrpcSubscribers(Subscribers):
+    """``Subscribe`` calls: the C load generator speaks HTTP/2 itself (~1 us per read); without
+    a C compiler, grpc.aio in Python (bench/grpcload.py), which costs ~40 us per message."""
+
     def __init__(self, target: Target, n: int, topic: str = "bench") -> None:
-        self._launch("grpc", n, [PYTHON, "-m", "bench.grpcload", "--port",
-                                 str(target.grpc_port), "--connections", str(n),
-                                 "--topic", topic])
+        argv = loadgen_argv()
+        if argv[0] == str(LOADGEN_BIN):
+            self._launch("grpc", n, [
+                *argv, "--port", str(target.grpc_port), "--transport", "grpc", "--path", "/",
+                "--connections", str(n), "--ws-subscribe", topic])
+        else:
+            self._launch("grpc", n, [PYTHON, "-m", "bench.grpcload", "--port",
+                                     str(target.grpc_port), "--connections", str(n),
+                                     "--topic", topic])
 
 
 def scenario_idle(plan: Plan) -> dict[str, Any]:

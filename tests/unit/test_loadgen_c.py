@@ -87,6 +87,47 @@ int main(void) {
         ws_bytes(&c, "\x88\x00", 2, 1000.0);
         if (!c.closed) { printf("a close frame was not noticed\n"); return 1; }
     }
+    /* gRPC: DATA frames of Delivery messages (events' payloads hold the markers), cut anywhere;
+       a HEADERS frame that ends the stream (the trailers) fails the connection */
+    transport = GRPC;
+    m = 0;
+    for (int k = 0; k < 300; k++) {
+        char payload[300];
+        int len = sprintf(payload, "{\"t\":%%d.5,\"p\":\"%%.*s\"}", k, (k * 37) %% 200,
+                          "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+                          "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+                          "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx");
+        /* Delivery { events { seq: k, payload } }: 0x0a len { 0x08 k 0x22 len payload } */
+        size_t event = 2 + 2 + (size_t)len + (len > 127);
+        size_t message = 2 + event + (event > 127);
+        m += h2_frame((unsigned char *)frames + m, 0, 0, 1, 5 + message);
+        frames[m++] = 0; frames[m++] = 0; frames[m++] = 0;
+        frames[m++] = (char)(message >> 8); frames[m++] = (char)message;
+        frames[m++] = 0x0a;
+        if (event > 127) {
+            frames[m++] = (char)(0x80 | (event & 0x7f));
+            frames[m++] = (char)(event >> 7);
+        } else frames[m++] = (char)event;
+        frames[m++] = 0x08; frames[m++] = (char)(k & 0x7f);
+        frames[m++] = 0x22;
+        if (len > 127) {
+            frames[m++] = (char)(0x80 | (len & 0x7f));
+            frames[m++] = (char)(len >> 7);
+        } else frames[m++] = (char)len;
+        memcpy(frames + m, payload, (size_t)len);
+        m += (size_t)len;
+    }
+    for (int trial = 0; trial < 3000; trial++) {
+        conn_t c = feed(grpc_bytes, frames, m, trial, 3000);
+        if (c.count != 300 || c.closed || !c.ready || (c.sampled && n_samples != 300)) {
+            printf("grpc trial %%d: counted %%ld, %%ld samples\n", trial, c.count, n_samples);
+            return 1;
+        }
+        unsigned char trailers[9];
+        h2_frame(trailers, 1, 0x5, 1, 0);
+        grpc_bytes(&c, (const char *)trailers, 9, 1000.0);
+        if (!c.closed) { printf("the end of the stream was not noticed\n"); return 1; }
+    }
     printf("ok\n");
     return 0;
 }
