@@ -81,6 +81,10 @@ class Settings:
     # Publish requests (POST /v1/publish, /v1/topics/{topic} with a Content-Length body) answered
     # on the raw socket; false: through hypercorn and quart (see docs/performance.md).
     native_publish: bool = True
+    # gRPC's Subscribe streams written straight to the socket by the broker's own HTTP/2
+    # listener, which passes every other call on to grpc.aio on a loopback port; false: grpc.aio
+    # serves the gRPC port itself (see docs/performance.md).
+    native_grpc: bool = True
     # Connections the kernel queues before they are accepted. When clients reconnect all at once
     # (a node restarted), a short queue drops SYNs and each dropped one waits 1 s (then 3 s...)
     # to retry; Linux caps this at net.core.somaxconn (4096 by default).

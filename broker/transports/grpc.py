@@ -23,6 +23,7 @@ import sniffio
 import trio
 import trio_asyncio
 import trio_asyncio._base
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -33,6 +34,8 @@ from broker.errors import Problem, RequestError, Unavailable
 from broker.model import AppendRequest, Reset, parse_position
 from broker.node import Node
 from broker.subscription import CloseReason, Subscription
+from broker.transports import native_grpc
+from broker.transports.listener import listen
 from broker.wire import pb
 from broker.wire.ndjson import checked_publish
 
@@ -191,12 +194,24 @@ class GrpcServer:
         self._loop: Any = None
         self._server: Any = None
         self._health: HealthServicer | None = None
+        self._channel: Any = None  # to the grpc.aio server, for the native listener's calls
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled; ``task_status`` gets the ``HOST:PORT`` listened on."""
-        async with trio_asyncio.open_loop() as loop:
+        """Serve until cancelled; ``task_status`` gets the ``HOST:PORT`` listened on.
+
+        With ``native_grpc`` the clients' port is the broker's own HTTP/2 listener
+        (`broker.transports.native_grpc`) and grpc.aio listens on a loopback port of its own,
+        for the calls that listener passes on."""
+        settings = self.node.settings
+        async with trio_asyncio.open_loop() as loop, trio.open_nursery() as nursery:
             self._loop = loop
-            address: str = await trio_asyncio.aio_as_trio(self._aio_start, loop=loop)()
+            listen_on = "127.0.0.1:0" if settings.native_grpc else settings.grpc_listen
+            address: str = await trio_asyncio.aio_as_trio(self._aio_start, loop=loop)(listen_on)
+            if settings.native_grpc:
+                self._channel = await trio_asyncio.aio_as_trio(self._aio_channel, loop=loop)(
+                    address
+                )
+                address = await nursery.start(self._serve_native)
             try:
                 task_status.started(address)
                 serving = None
@@ -206,12 +221,34 @@ class GrpcServer:
                         await trio_asyncio.aio_as_trio(self._aio_health, loop=loop)(serving)
                     await trio.sleep(0.25)
             finally:
+                nursery.cancel_scope.cancel()
                 with trio.CancelScope(shield=True):
                     await trio_asyncio.aio_as_trio(self._aio_stop, loop=loop)()
 
+    async def _serve_native(self, *, task_status: trio.TaskStatus[str]) -> None:
+        settings = self.node.settings
+        host, _, port = settings.grpc_listen.rpartition(":")
+        try:
+            sock = listen(host, int(port), backlog=settings.listen_backlog)
+        except OSError as exc:
+            raise Unavailable(f"cannot listen for gRPC on {settings.grpc_listen}: {exc}") from None
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        limit = settings.max_payload_bytes + 64 * 1024
+        keepalive = (settings.grpc_keepalive_seconds, settings.grpc_keepalive_timeout_seconds)
+        handle = native_grpc.handler(_NativeBackend(self), limit, keepalive)
+        task_status.started(f"{host}:{sock.getsockname()[1]}")
+        await trio.serve_listeners(handle, [listener])
+
     # -- asyncio side ----------------------------------------------------------------------------
 
-    async def _aio_start(self) -> str:
+    async def _aio_channel(self, address: str) -> Any:
+        # the server enforces the limits: the channel passes whatever it is given
+        return grpc.aio.insecure_channel(
+            address,
+            options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
+        )
+
+    async def _aio_start(self, listen_on: str) -> str:
         settings = self.node.settings
         options = [
             # Any payload up to the limit, plus its envelope; bigger is RESOURCE_EXHAUSTED.
@@ -255,10 +292,10 @@ class GrpcServer:
             ),
             server,
         )
-        host, _, port = settings.grpc_listen.rpartition(":")
+        host, _, port = listen_on.rpartition(":")
         bound = server.add_insecure_port(f"{host}:{port}")
         if not bound:
-            raise Unavailable(f"cannot listen for gRPC on {settings.grpc_listen}")
+            raise Unavailable(f"cannot listen for gRPC on {listen_on}")
         await server.start()
         self._server = server
         address = f"{host}:{bound}"
@@ -276,6 +313,8 @@ class GrpcServer:
             await self._health.set(name, status)
 
     async def _aio_stop(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
         if self._server is not None:
             await self._server.stop(grace=1.0)
 
@@ -360,12 +399,14 @@ class GrpcServer:
         return await node.publish(requests, TRANSPORT)
 
     async def _trio_subscribe(self, request: Any, context: Any) -> None:
+        await self.serve_subscribe(request, GrpcSink(context, self._loop))
+
+    async def serve_subscribe(self, request: Any, sink: Any) -> None:
+        """One ``Subscribe`` on ``sink`` until it ends (grpc.aio's call or the native stream)."""
         node = self.node
         sub, greeting = open_subscription(node, request)
         framing = node.framings.grpc
-        with node.outlet(
-            GrpcSink(context, self._loop), framing, TRANSPORT, heartbeat=pb.HEARTBEAT
-        ) as outlet:
+        with node.outlet(sink, framing, TRANSPORT, heartbeat=pb.HEARTBEAT) as outlet:
             hello = pb.encode_subscribed(sub.id, node.log.epoch, f"{node.log.epoch}:{sub.position}")
             outlet.attach(sub, greeting=[hello + b"".join(framing.render(sub, greeting))])
             reason = await self._deliver(outlet)
@@ -405,6 +446,84 @@ class GrpcServer:
                     nursery.cancel_scope.cancel()
         if reason:
             _raise_for(reason[0])
+
+
+class _NativeBackend:
+    """What the native listener (`native_grpc`) cannot do itself: ``Subscribe``'s work in the
+    node, and every other call, passed on to the grpc.aio server over a loopback channel."""
+
+    def __init__(self, server: GrpcServer) -> None:
+        self._server = server
+
+    async def subscribe(self, request: bytes, sink: Any) -> tuple[int, str]:
+        try:
+            message = pb2.SubscribeRequest.FromString(request)
+        except DecodeError:
+            return grpc.StatusCode.INVALID_ARGUMENT.value[0], "bad-message: not a SubscribeRequest"
+        try:
+            await self._server.serve_subscribe(message, sink)
+        except (RequestError, Unavailable) as error:
+            code, text = status_of(error)
+            return code.value[0], text
+        except CallEnded as ended:
+            return ended.code.value[0], ended.message
+        return grpc.StatusCode.OK.value[0], ""
+
+    async def open(
+        self, method: str, metadata: native_grpc.Metadata, time_limit: float | None
+    ) -> _ProxiedCall:
+        server = self._server
+        loop = server._loop
+
+        async def aio_open() -> Any:
+            method_call = server._channel.stream_stream(
+                method, request_serializer=None, response_deserializer=None
+            )
+            return method_call(metadata=tuple(metadata), timeout=time_limit)
+
+        return _ProxiedCall(await trio_asyncio.aio_as_trio(aio_open, loop=loop)(), loop)
+
+
+class _ProxiedCall:
+    """A call on the grpc.aio server, as `native_grpc.BackendCall` (bytes in, bytes out)."""
+
+    def __init__(self, call: Any, loop: Any) -> None:
+        self._call = call
+        self._loop = loop
+
+    def _aio(self, fn: Any) -> Any:
+        return trio_asyncio.aio_as_trio(fn, loop=self._loop)
+
+    async def write(self, message: bytes) -> None:
+        # a call the server has ended takes no more: its status says why
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await self._aio(self._call.write)(message)
+
+    async def done_writing(self) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await self._aio(self._call.done_writing)()
+
+    async def read(self) -> bytes | None:
+        try:
+            message = await self._aio(self._call.read)()
+        except grpc.aio.AioRpcError:
+            return None
+        return None if message is grpc.aio.EOF else message
+
+    async def initial_metadata(self) -> native_grpc.Metadata:
+        return tuple(await self._aio(self._call.initial_metadata)())
+
+    async def status(self) -> tuple[int, str, native_grpc.Metadata]:
+        code = await self._aio(self._call.code)()
+        details = await self._aio(self._call.details)()
+        trailers = await self._aio(self._call.trailing_metadata)()
+        return code.value[0], details or "", tuple(trailers or ())
+
+    async def cancel(self) -> None:
+        async def aio_cancel() -> None:
+            self._call.cancel()
+
+        await self._aio(aio_cancel)()
 
 
 def _raise_for(reason: CloseReason) -> None:

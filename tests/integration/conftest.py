@@ -16,17 +16,20 @@ StartBroker = Callable[..., Awaitable[Running]]
 
 
 # Subscriber streams and publish requests have two paths (transports/native.py and
-# native_publish.py: the raw socket; hypercorn: the ASGI app). The tests of these modules run
-# against both; the others use the default (native).
+# native_publish.py: the raw socket; hypercorn: the ASGI app), and so does gRPC
+# (native_grpc.py: the broker's own HTTP/2 listener; grpc.aio alone). The tests of these
+# modules run against both; the others use the default (native).
 BOTH_STREAM_PATHS = {
     "test_transports", "test_websocket", "test_slow_reader", "test_errors", "test_churn",
-    "test_client", "test_operations", "test_cors", "test_publish",
+    "test_client", "test_operations", "test_cors", "test_publish", "test_grpc",
 }
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     module = metafunc.module.__name__.rsplit(".", 1)[-1]
-    if module in BOTH_STREAM_PATHS and "stream_path" in metafunc.fixturenames:
+    markers = metafunc.definition.iter_markers("parametrize")
+    chosen = any("stream_path" in str(marker.args[0]) for marker in markers)  # one path only
+    if module in BOTH_STREAM_PATHS and "stream_path" in metafunc.fixturenames and not chosen:
         metafunc.parametrize("stream_path", ["native", "hypercorn"], indirect=True)
 
 
@@ -45,7 +48,8 @@ async def start_broker(nursery: trio.Nursery, stream_path: str) -> AsyncIterator
         # gRPC only where a test asks for it (grpc_listen="127.0.0.1:0"): it costs a loop
         settings = Settings(
             **{"port": 0, "grpc_listen": "off", "native_streams": stream_path == "native",
-               "native_publish": stream_path == "native", **overrides}
+               "native_publish": stream_path == "native", "native_grpc": stream_path == "native",
+               **overrides}
         )
         server = Server(settings)
         servers.append(server)

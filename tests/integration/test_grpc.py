@@ -12,6 +12,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import httpx
 import pytest
 import trio
@@ -21,6 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from broker._pb import broker_pb2 as pb2
 from broker._pb import broker_pb2_grpc as pb2_grpc
 from broker.server import Running
+from broker.transports import native_grpc
 from tests.integration.clients import subscribe, wait_for
 from tests.integration.conftest import StartBroker
 from tests.integration.test_cluster import cluster_settings
@@ -431,3 +435,171 @@ async def test_reflection_lists_the_services(node: Running) -> None:
         (answer,) = await call(lambda: list(reflection.ServerReflectionInfo(iter([request]))))
     names = {s.name for s in answer.list_services_response.service}
     assert {"broker.v1.Broker", "grpc.health.v1.Health"} <= names
+
+
+# -- the native listener (transports/native_grpc.py) -------------------------------------------
+
+
+async def test_subscribe_is_written_by_the_path_asked_for(
+    node: Running, stub: Any, stream_path: str
+) -> None:
+    async with stream(stub.Subscribe(pb2.SubscribeRequest(topics=["p"]))) as feed:
+        await wait_for(lambda: len(feed.deliveries) >= 1)
+        (outlet,) = [o for o in node.node.outlets if o.transport == "grpc"]
+        native = isinstance(outlet.sink, native_grpc.StreamSink)
+        assert native is (stream_path == "native")
+        await call(stub.Publish, publish_request("p", b"one"))
+        await feed.wait_events(1)
+
+
+class RawCall:
+    """One call by hand over HTTP/2 (h2 as the client), for what grpcio would not send."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.headers: dict[bytes, bytes] = {}
+        self.trailers: dict[bytes, bytes] = {}
+        self.data = b""
+        self.reset = False
+
+    async def run(
+        self, headers: list[tuple[str, str]], body: bytes, *, end: bool = True
+    ) -> RawCall:
+        host, _, port = self.address.rpartition(":")
+        connection = await trio.open_tcp_stream(host, int(port))
+        async with connection:
+            self.h2.initiate_connection()
+            self.h2.send_headers(1, headers, end_stream=not body and end)
+            if body:
+                self.h2.send_data(1, body, end_stream=end)
+            await connection.send_all(self.h2.data_to_send())
+            with trio.fail_after(10):
+                while not (self.trailers or self.reset):
+                    data = await connection.receive_some(65536)
+                    if not data:
+                        break
+                    for event in self.h2.receive_data(data):
+                        self._event(event)
+                    await connection.send_all(self.h2.data_to_send())
+        return self
+
+    def _event(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.ResponseReceived):
+            self.headers = dict(event.headers or ())
+            if event.stream_ended:
+                self.trailers = self.headers  # trailers-only, or plain HTTP
+        elif isinstance(event, h2.events.TrailersReceived):
+            self.trailers = dict(event.headers or ())
+        elif isinstance(event, h2.events.DataReceived):
+            self.data += event.data or b""
+        elif isinstance(event, h2.events.StreamReset):
+            self.reset = True
+
+    @property
+    def status(self) -> tuple[int, str]:
+        return int(self.trailers[b"grpc-status"]), self.trailers.get(b"grpc-message", b"").decode()
+
+
+def grpc_headers(path: str = "/broker.v1.Broker/Subscribe", **extra: str) -> list[tuple[str, str]]:
+    return [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "x"),
+            ("content-type", "application/grpc"), ("te", "trailers"), *extra.items()]
+
+
+def message(data: bytes, compressed: bool = False) -> bytes:
+    return bytes([compressed]) + len(data).to_bytes(4, "big") + data
+
+
+SUBSCRIBE_REQUEST = pb2.SubscribeRequest(topics=["r"]).SerializeToString()
+
+
+NATIVE_ONLY = pytest.mark.parametrize("stream_path", ["native"], indirect=True)
+
+
+@pytest.fixture
+async def native_node(start_broker: StartBroker) -> Running:
+    return await start_broker(**GRPC)
+
+
+@NATIVE_ONLY
+async def test_native_refuses_what_is_not_grpc(native_node: Running) -> None:
+    assert native_node.grpc is not None
+    plain = [(":method", "POST"), (":scheme", "http"), (":path", "/broker.v1.Broker/Publish"),
+             (":authority", "x"), ("content-type", "application/json")]
+    answer = await RawCall(native_node.grpc).run(plain, b"{}")
+    assert answer.headers[b":status"] == b"415"
+    get = [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "x")]
+    answer = await RawCall(native_node.grpc).run(get, b"")
+    assert answer.headers[b":status"] == b"405"
+
+
+@NATIVE_ONLY
+@pytest.mark.parametrize(
+    ("body", "code", "detail"),
+    [
+        (
+            message(SUBSCRIBE_REQUEST, compressed=True),
+            12,
+            "compressed messages are not supported (identity)",
+        ),
+        (message(SUBSCRIBE_REQUEST)[:-2], 13, "the request ended inside a message"),
+        (message(b"\xff\xff"), 3, "bad-message: not a SubscribeRequest"),
+        (b"", 12, "Subscribe takes one request message; none came"),
+        (message(SUBSCRIBE_REQUEST) * 2, 12, "Subscribe takes one request message; more came"),
+    ],
+)
+async def test_native_subscribe_refuses_a_bad_request(
+    native_node: Running, body: bytes, code: int, detail: str
+) -> None:
+    assert native_node.grpc is not None
+    answer = await RawCall(native_node.grpc).run(grpc_headers(), body)
+    assert answer.status == (code, detail)
+    assert not native_node.node.outlets  # nothing was left subscribed
+
+
+@NATIVE_ONLY
+async def test_native_refuses_a_message_over_the_limit_before_it_arrives(
+    native_node: Running,
+) -> None:
+    assert native_node.grpc is not None
+    limit = native_node.node.settings.max_payload_bytes + 64 * 1024
+    announced = b"\x00" + (limit + 1).to_bytes(4, "big") + b"x" * 100  # the rest never comes
+    headers = grpc_headers("/broker.v1.Broker/Publish")
+    answer = await RawCall(native_node.grpc).run(headers, announced, end=False)
+    code, detail = answer.status
+    assert (code, detail) == (8, f"a message of {limit + 1} bytes is over the limit of {limit}")
+
+
+@NATIVE_ONLY
+async def test_native_passes_metadata_and_deadlines_to_grpc_aio(native_node: Running) -> None:
+    assert native_node.grpc is not None
+    request = pb2.PublishRequest(topic="m", payload=b"x").SerializeToString()
+    answer = await RawCall(native_node.grpc).run(
+        grpc_headers("/broker.v1.Broker/Publish", **{"grpc-timeout": "5S", "x-trace": "t1"}),
+        message(request),
+    )
+    assert answer.status == (0, "")
+    assert pb2.PublishResponse.FromString(answer.data[5:]).seq == 1
+    unknown = await RawCall(native_node.grpc).run(grpc_headers("/broker.v1.Broker/Nope"), b"")
+    assert unknown.status[0] == 12  # UNIMPLEMENTED, from grpc.aio
+
+
+
+@NATIVE_ONLY
+async def test_native_closes_a_connection_that_does_not_answer_its_ping(
+    start_broker: StartBroker,
+) -> None:
+    node = await start_broker(
+        grpc_keepalive_seconds=0.3, grpc_keepalive_timeout_seconds=0.3, **GRPC
+    )
+    assert node.grpc is not None
+    host, _, port = node.grpc.rpartition(":")
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    received: list[h2.events.Event] = []
+    async with await trio.open_tcp_stream(host, int(port)) as connection:
+        await connection.send_all(client.data_to_send())  # and nothing more: no PING answer
+        with trio.fail_after(5):
+            while data := await connection.receive_some(65536):
+                received.extend(client.receive_data(data))
+    assert any(isinstance(event, h2.events.PingReceived) for event in received)
