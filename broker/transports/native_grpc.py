@@ -647,6 +647,8 @@ async def serve_connection(
         await Connection(stream, backend, limit, keepalive).serve(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
+    except Exception:  # a bug here ends this connection, not the listener and its others
+        logger.exception("grpc connection failed")
     finally:
         await trio.aclose_forcefully(stream)
 

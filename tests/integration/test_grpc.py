@@ -462,6 +462,7 @@ class RawCall:
         self.trailers: dict[bytes, bytes] = {}
         self.data = b""
         self.reset = False
+        self.closed = False  # the server closed the connection
 
     async def run(
         self, headers: list[tuple[str, str]], body: bytes, *, end: bool = True
@@ -476,8 +477,12 @@ class RawCall:
             await connection.send_all(self.h2.data_to_send())
             with trio.fail_after(10):
                 while not (self.trailers or self.reset):
-                    data = await connection.receive_some(65536)
+                    try:
+                        data = await connection.receive_some(65536)
+                    except trio.BrokenResourceError:  # reset by the server
+                        data = b""
                     if not data:
+                        self.closed = True
                         break
                     for event in self.h2.receive_data(data):
                         self._event(event)
@@ -603,3 +608,27 @@ async def test_native_closes_a_connection_that_does_not_answer_its_ping(
             while data := await connection.receive_some(65536):
                 received.extend(client.receive_data(data))
     assert any(isinstance(event, h2.events.PingReceived) for event in received)
+
+
+@NATIVE_ONLY
+async def test_native_a_connection_that_fails_leaves_the_others_served(
+    node: Running, stub: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert node.grpc is not None
+    handle = native_grpc.Connection._handle
+
+    def broken(self: native_grpc.Connection, event: h2.events.Event) -> None:
+        failing = isinstance(event, h2.events.RequestReceived) and (b"x-fail", b"1") in (
+            event.headers or []
+        )
+        if failing:
+            raise RuntimeError("a bug in the listener")
+        handle(self, event)
+
+    monkeypatch.setattr(native_grpc.Connection, "_handle", broken)
+    request = message(pb2.PublishRequest(topic="f", payload=b"x").SerializeToString())
+    failed = await RawCall(node.grpc).run(
+        grpc_headers("/broker.v1.Broker/Publish", **{"x-fail": "1"}), request
+    )
+    assert failed.closed and not failed.trailers
+    assert (await call(stub.Publish, publish_request("f", b"y"))).seq == 1
