@@ -48,7 +48,13 @@ def markdown(record: dict[str, Any]) -> str:
         f"- a step passes with 0 lost, p99 <= 50 ms, and the publisher kept >= 95 % of its "
         f"rate; each step publishes for {record['plan_detail']['seconds']} s with 100-byte "
         f"payloads; after its first failure a ramp bisects "
-        f"{record['plan_detail'].get('refine', 0)} times",
+        f"{record['plan_detail'].get('refine', 0)} times"
+        + (
+            "; a rate holds if its step passes, or if after a failed step the next two tries "
+            "at that rate both pass"
+            if _retried(record["results"])
+            else ""
+        ),
         "",
     ]
     results = record["results"]
@@ -251,3 +257,13 @@ def write(record: dict[str, Any], out: Path) -> list[Path]:
         shutil.copyfile(path, latest)
         paths.append(latest)
     return paths
+
+
+def _retried(results: Any) -> bool:
+    """Whether this record's ramps retried failed steps (its steps say whether their rate
+    held; records before 2026-11-22 02:00 UTC do not)."""
+    if isinstance(results, dict):
+        return "held" in results or any(_retried(value) for value in results.values())
+    if isinstance(results, list):
+        return any(_retried(value) for value in results)
+    return False

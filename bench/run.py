@@ -269,6 +269,8 @@ class Step:
     # (one request in flight), and latency stamped at sending would hide the wait; such a step
     # has not sustained its rate. None: not known.
     publish_rate: float | None = None
+    # Whether its rate held, over every try at that rate (see `ramps`); None outside a ramp.
+    held: bool | None = None
 
     @property
     def passed(self) -> bool:
@@ -369,7 +371,12 @@ def ramps(series: Sequence[tuple[str, Target, Subscribers]], *, mode: str, start
     """Several ramps in lockstep: each round, every series still going runs its next step.
     This VM's speed drifts from minute to minute (the same transport's p99 at one rate moved
     from 39 to 114 ms between runs a few minutes apart), so ramps run one after the other could
-    not tell transports 10 % apart; interleaved, the drift falls on all of them alike."""
+    not tell transports 10 % apart; interleaved, the drift falls on all of them alike.
+
+    A rate holds if its step passes, or if, after it failed, the next two tries at that rate
+    both pass. With the broker's core saturated (1,000 subscribers: every rate from ~80 msg/s
+    up) the p99 wanders around the 50 ms budget from one 5 s step to the next, and a ramp that
+    ended on its first unlucky step measured luck rather than the server."""
     going: dict[str, tuple[Target, Subscribers, Generator[float, bool, None], float]] = {}
     steps: dict[str, list[Step]] = {}
     for label, target, subs in series:
@@ -378,24 +385,37 @@ def ramps(series: Sequence[tuple[str, Target, Subscribers]], *, mode: str, start
         steps[label] = []
     while going:
         for label, (target, subs, rates, rate) in list(going.items()):
-            result = step(target, subs, rate, seconds, mode=mode, **kw)
-            steps[label].append(result)
-            mark = "ok" if result.passed else "FAIL"
-            log(f"  {label}: {rate:,.0f} msg/s (kept {result.publish_rate or rate:,.0f}) -> "
-                f"{result.delivered_per_second:,.0f} delivered/s, "
-                f"lost {result.lost}, p99 {result.latency.get('p99_ms')} ms, cpu "
-                f"{result.server_cpu_percent}% (load {result.load_cpu_percent}%) [{mark}]")
+            tries = [step(target, subs, rate, seconds, mode=mode, **kw)]
+            _log_step(label, rate, tries[-1])
+            if not tries[0].passed:  # one unlucky step does not end a ramp: try twice more
+                tries.append(step(target, subs, rate, seconds, mode=mode, **kw))
+                _log_step(label, rate, tries[-1], "again")
+                if tries[-1].passed:
+                    tries.append(step(target, subs, rate, seconds, mode=mode, **kw))
+                    _log_step(label, rate, tries[-1], "again")
+            held = tries[0].passed or (len(tries) == 3 and tries[2].passed)
+            for tried in tries:
+                tried.held = held
+            steps[label].extend(tries)
             try:
-                going[label] = (target, subs, rates, rates.send(result.passed))
+                going[label] = (target, subs, rates, rates.send(held))
             except StopIteration:
                 del going[label]
     out: dict[str, dict[str, Any]] = {}
     for label, taken in steps.items():
-        best = max((s for s in taken if s.passed), key=lambda s: s.delivered_per_second,
+        best = max((s for s in taken if s.passed and s.held), key=lambda s: s.delivered_per_second,
                    default=None)
         out[label] = {"best": best.__dict__ if best else None,
                       "steps": [s.__dict__ for s in taken]}
     return out
+
+
+def _log_step(label: str, rate: float, result: Step, note: str = "") -> None:
+    mark = "ok" if result.passed else "FAIL"
+    log(f"  {label}: {rate:,.0f} msg/s{' ' + note if note else ''} (kept "
+        f"{result.publish_rate or rate:,.0f}) -> {result.delivered_per_second:,.0f} delivered/s, "
+        f"lost {result.lost}, p99 {result.latency.get('p99_ms')} ms, cpu "
+        f"{result.server_cpu_percent}% (load {result.load_cpu_percent}%) [{mark}]")
 
 
 # -- scenarios ------------------------------------------------------------------------------
