@@ -16,7 +16,7 @@ def fanout_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (server, transport, subscribers) with its best passing step."""
     rows = []
     fanout = record["results"].get("fanout", {})
-    grpc = record["results"].get("grpc", {})
+    grpc = record["results"].get("grpc", {})  # records before 2026-11-22: its own scenario
     entries = [(server, transport, n, result)
                for server, transports in fanout.items()
                for transport, by_n in transports.items()
