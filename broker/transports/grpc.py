@@ -1,6 +1,11 @@
 """The gRPC transport (``protos/broker/v1/broker.proto``): grpc.aio hosted on a trio-asyncio
 loop. This is the only module that imports grpc.
 
+With ``native_grpc`` (the default) clients connect to the broker's own HTTP/2 listener
+(`broker.transports.native_grpc`), which writes ``Subscribe`` streams itself (`serve_subscribe`
+with its own sink) and passes every other call on to the grpc.aio server here, which then
+listens on a loopback port (`_NativeBackend`, `_ProxiedCall`).
+
 Each call's work runs in trio (``trio_as_aio``), sharing the node, its hub and its outlets with
 every other transport: the same subscriptions, bounded buffers, catch-up, gaps and resets. The
 writer sends everything pending as *one* ``Delivery`` message (events are pre-encoded once per
