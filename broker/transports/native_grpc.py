@@ -16,6 +16,7 @@ No grpc import: the calls it cannot serve itself go to a `Backend` (``transports
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -418,7 +419,7 @@ class Call:
         self.headers = headers
         self.scope = trio.CancelScope()
         self._buffer = bytearray()
-        self._messages: list[bytes] = []
+        self._messages: collections.deque[bytes] = collections.deque()
         self._arrived = trio.Event()
         self._ended = False  # the client sends no more
         self._error: CallError | None = None
@@ -464,7 +465,7 @@ class Call:
             if self._messages:
                 # A message's bytes are given back to the client's window when it is taken:
                 # a client cannot send faster than the call takes (the window fits any one).
-                message = self._messages.pop(0)
+                message = self._messages.popleft()
                 self._ack(len(message) + 5)
                 self.connection.flush_h2()
                 return message
