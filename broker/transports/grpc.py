@@ -240,7 +240,15 @@ class GrpcServer:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         limit = settings.max_payload_bytes + 64 * 1024
         keepalive = (settings.grpc_keepalive_seconds, settings.grpc_keepalive_timeout_seconds)
-        handle = native_grpc.handler(_NativeBackend(self), limit, keepalive)
+        serve = native_grpc.handler(_NativeBackend(self), limit, keepalive)
+        connections = self.node.connections
+
+        async def handle(stream: trio.SocketStream) -> None:
+            # as for HTTP: the kernel gives up on a peer that acknowledges nothing for the
+            # write timeout, and a stopping server can sever what is left
+            connections.accepted(stream)
+            await serve(stream)
+
         task_status.started(f"{host}:{sock.getsockname()[1]}")
         await trio.serve_listeners(handle, [listener])
 

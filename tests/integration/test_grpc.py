@@ -6,6 +6,7 @@ The test's client is grpcio's blocking API, run in worker threads, as `broker.cl
 from __future__ import annotations
 
 import itertools
+import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -632,3 +633,16 @@ async def test_native_a_connection_that_fails_leaves_the_others_served(
     )
     assert failed.closed and not failed.trailers
     assert (await call(stub.Publish, publish_request("f", b"y"))).seq == 1
+
+
+@NATIVE_ONLY
+async def test_native_connections_are_registered_with_a_user_timeout(
+    node: Running, stub: Any
+) -> None:
+    before = len(node.node.connections)
+    async with stream(stub.Subscribe(pb2.SubscribeRequest(topics=["u"]))) as feed:
+        await wait_for(lambda: len(feed.deliveries) >= 1)
+        assert len(node.node.connections) == before + 1
+        sockets = node.node.connections._sockets.values()
+        timeouts = {s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) for s in sockets}
+        assert timeouts == {node.node.connections._user_timeout_ms}
