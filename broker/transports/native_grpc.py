@@ -43,6 +43,7 @@ RESOURCE_EXHAUSTED, INTERNAL, UNAVAILABLE, UNIMPLEMENTED = 8, 13, 14, 12
 
 _DATA_HEAD = struct.Struct(">IBI")  # length << 8 | type 0 (DATA), flags, stream id
 _MESSAGE_HEAD = struct.Struct(">BI")  # compressed flag, length
+_HEADS = struct.Struct(">IBIBI")  # a DATA frame's head and its one message's, together
 _MAX_IOVEC = 512
 # What a client may send on a stream before the call has taken it (at least one whole message
 # of the largest size allowed), and on the connection, over all its streams.
@@ -212,7 +213,22 @@ class StreamSink:
         self._h2_stream = connection.h2.streams[stream_id]
 
     def write_nowait(self, data: bytes) -> bool:
-        return self._write_messages((data,))
+        """The router's case, in one step: one message in one DATA frame, written now."""
+        size = len(data) + 5
+        connection = self._connection
+        h2c, stream = connection.h2, self._h2_stream
+        if (
+            size > connection.max_frame
+            or size > h2c.outbound_flow_control_window
+            or size > stream.outbound_flow_control_window
+            or connection.writer.blocked
+            or stream.closed
+        ):
+            return self._write_messages((data,))  # split into frames, or declined
+        h2c.outbound_flow_control_window -= size
+        stream.outbound_flow_control_window -= size
+        connection.writer.send((_HEADS.pack(size << 8, 0, self._stream_id, 0, len(data)), data))
+        return True
 
     def write_nowait_many(self, frames: Sequence[bytes]) -> bool:
         return self._write_messages(frames)
