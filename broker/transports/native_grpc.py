@@ -16,6 +16,7 @@ No grpc import: the calls it cannot serve itself go to a `Backend` (``transports
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import logging
@@ -32,6 +33,8 @@ import h2.exceptions
 import h2.settings
 import trio
 
+from broker.transports.native import _MAX_IOVEC
+
 logger = logging.getLogger("broker.grpc")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -44,7 +47,6 @@ RESOURCE_EXHAUSTED, INTERNAL, UNAVAILABLE, UNIMPLEMENTED = 8, 13, 14, 12
 _DATA_HEAD = struct.Struct(">IBI")  # length << 8 | type 0 (DATA), flags, stream id
 _MESSAGE_HEAD = struct.Struct(">BI")  # compressed flag, length
 _HEADS = struct.Struct(">IBIBI")  # a DATA frame's head and its one message's, together
-_MAX_IOVEC = 512
 # What a client may send on a stream before the call has taken it (at least one whole message
 # of the largest size allowed), and on the connection, over all its streams.
 _RECEIVE_WINDOW = 2 * 1024 * 1024
@@ -213,7 +215,8 @@ class StreamSink:
         self._h2_stream = connection.h2.streams[stream_id]
 
     def write_nowait(self, data: bytes) -> bool:
-        """The router's case, in one step: one message in one DATA frame, written now."""
+        """The router's case, in one step: one message in one DATA frame, written now (inline,
+        not `_send_framed`: this runs once per subscriber per batch)."""
         size = len(data) + 5
         connection = self._connection
         h2c, stream = connection.h2, self._h2_stream
@@ -234,34 +237,12 @@ class StreamSink:
         return self._write_messages(frames)
 
     def _write_messages(self, messages: Sequence[bytes]) -> bool:
-        connection = self._connection
-        size = sum(map(len, messages)) + 5 * len(messages)
-        h2c, stream = connection.h2, self._h2_stream
-        window = min(h2c.outbound_flow_control_window, stream.outbound_flow_control_window)
-        if connection.writer.blocked or size > window or stream.closed:
+        """Several messages, or one over the frame size: all now in DATA frames, or nothing."""
+        body = b"".join(_MESSAGE_HEAD.pack(0, len(data)) + data for data in messages)
+        if self._connection.writer.blocked or len(body) > self._window() or self._h2_stream.closed:
             return False
-        max_frame = connection.max_frame
-        parts: list[bytes] = []
-        if size <= max_frame:
-            parts.append(_DATA_HEAD.pack(size << 8, 0, self._stream_id))
-            for data in messages:
-                parts.append(_MESSAGE_HEAD.pack(0, len(data)))
-                parts.append(data)
-        else:
-            body = b"".join(_MESSAGE_HEAD.pack(0, len(d)) + d for d in messages)
-            self._frame(body, parts)
-        h2c.outbound_flow_control_window -= size
-        stream.outbound_flow_control_window -= size
-        connection.writer.send(parts)
+        self._send_framed(body)
         return True
-
-    def _frame(self, body: bytes | memoryview, parts: list[bytes]) -> None:
-        max_frame = self._connection.max_frame
-        view = memoryview(body)
-        for start in range(0, len(view), max_frame):
-            piece = view[start : start + max_frame]
-            parts.append(_DATA_HEAD.pack(len(piece) << 8, 0, self._stream_id))
-            parts.append(bytes(piece))
 
     async def write(self, data: bytes) -> None:
         """One message, in as many pieces as the windows allow, waiting for them to open."""
@@ -269,20 +250,34 @@ class StreamSink:
             return
         connection = self._connection
         body = memoryview(_MESSAGE_HEAD.pack(0, len(data)) + data)
-        h2c, stream = connection.h2, self._h2_stream
         while body:
-            window = min(h2c.outbound_flow_control_window, stream.outbound_flow_control_window)
-            if stream.closed:
+            if self._h2_stream.closed:
                 raise trio.BrokenResourceError("the stream was reset")
+            window = self._window()
             if connection.writer.blocked or window <= 0:
                 await connection.changed()
                 continue
-            piece, body = body[:window], body[window:]
-            h2c.outbound_flow_control_window -= len(piece)
-            stream.outbound_flow_control_window -= len(piece)
-            parts: list[bytes] = []
-            self._frame(piece, parts)
-            connection.writer.send(parts)
+            self._send_framed(body[:window])
+            body = body[window:]
+
+    def _window(self) -> int:
+        """What the flow-control windows let us send on this stream now."""
+        h2_stream = self._h2_stream
+        connection_window = self._connection.h2.outbound_flow_control_window
+        return min(connection_window, h2_stream.outbound_flow_control_window)
+
+    def _send_framed(self, body: bytes | memoryview) -> None:
+        """``body`` in DATA frames of at most the peer's frame size, its windows lowered."""
+        connection = self._connection
+        max_frame = connection.max_frame
+        parts: list[bytes] = []
+        for start in range(0, len(body), max_frame):
+            piece = body[start : start + max_frame]
+            parts.append(_DATA_HEAD.pack(len(piece) << 8, 0, self._stream_id))
+            parts.append(bytes(piece))
+        connection.h2.outbound_flow_control_window -= len(body)
+        self._h2_stream.outbound_flow_control_window -= len(body)
+        connection.writer.send(parts)
 
     async def flush(self) -> None:
         return None
@@ -296,7 +291,7 @@ class Connection:
         stream: trio.SocketStream,
         backend: Backend,
         limit: int,
-        keepalive: tuple[float, float] = (20.0, 10.0),
+        keepalive: tuple[float, float],
     ) -> None:
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
         self.keepalive = keepalive  # ping after this long without a frame; give up after this
@@ -621,8 +616,6 @@ class Call:
 
 
 def _metadata(headers: dict[bytes, bytes]) -> list[tuple[str, str | bytes]]:
-    import base64
-
     out: list[tuple[str, str | bytes]] = []
     for key, value in headers.items():
         if key.startswith(b":") or key in _RESERVED:
@@ -636,8 +629,6 @@ def _metadata(headers: dict[bytes, bytes]) -> list[tuple[str, str | bytes]]:
 
 
 def _headers(metadata: Metadata) -> list[tuple[bytes, bytes]]:
-    import base64
-
     out = []
     for key, value in metadata:
         if isinstance(value, bytes):
