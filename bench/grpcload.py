@@ -11,7 +11,7 @@ import re
 import sys
 import time
 
-from bench.loadgen import MAX_SAMPLES, emit, raise_fd_limit, summarize
+from bench.loadgen import Samples, emit, raise_fd_limit
 
 _STAMP = re.compile(rb'^\{"t":(\d+\.\d+),')
 
@@ -23,7 +23,7 @@ async def main_async(args: argparse.Namespace) -> None:
     from broker._pb import broker_pb2_grpc as rpc
 
     counts = [0] * args.connections
-    latencies: list[float] = []
+    latencies = Samples()
     ready = 0
     errors: list[str] = []
     subscribed = asyncio.Event()
@@ -41,12 +41,12 @@ async def main_async(args: argparse.Namespace) -> None:
                             subscribed.set()
                         continue
                     counts[i] += len(delivery.events)
-                    if sampled and len(latencies) < MAX_SAMPLES:
+                    if sampled:
                         now = time.monotonic()
                         for event in delivery.events:
                             match = _STAMP.match(event.payload)
                             if match:
-                                latencies.append(now - float(match[1]))
+                                latencies.add(now - float(match[1]))
             except grpc.aio.AioRpcError as exc:
                 errors.append(f"{exc.code().name}: {exc.details()}")
 
@@ -63,7 +63,7 @@ async def main_async(args: argparse.Namespace) -> None:
             latencies.clear()
             emit({"ok": True})
         elif command in ("report", "count"):  # count: no percentiles, cheap enough to poll
-            latency = summarize(latencies) if command == "report" else {"count": len(latencies)}
+            latency = latencies.summary() if command == "report" else latencies.counts()
             emit({"received": sum(counts), "per_connection_min": min(counts),
                   "per_connection_max": max(counts), "open": ready, "closed": len(errors),
                   "latency": latency, "errors": errors[:5]})

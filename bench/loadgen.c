@@ -69,7 +69,22 @@ static int transport, n_conns, sample_every = 10, port;
 static char path[1024] = "/", ws_subscribe[256] = "bench", nats_subject[256] = "bench";
 static conn_t *conns;
 static double *samples;
-static long n_samples;
+static long n_samples, n_seen;
+static double max_seen;  /* over every sample, kept or not */
+static uint64_t rng = 0x9E3779B97F4A7C15u;
+
+/* Keep a latency sample: the first MAX_SAMPLES, then each later one in place of a random kept
+   one with probability MAX_SAMPLES / seen (reservoir sampling), so that the percentiles cover
+   the whole step. Keeping the first ones only weighed a fast step's first second, where the
+   server is still warming up, as if it were all of it. */
+static void keep_sample(double value) {
+    n_seen++;
+    if (value > max_seen) max_seen = value;
+    if (n_samples < MAX_SAMPLES) { samples[n_samples++] = value; return; }
+    rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;  /* xorshift64 */
+    uint64_t j = rng % (uint64_t)n_seen;
+    if (j < MAX_SAMPLES) samples[j] = value;
+}
 static int failed;
 static char first_error[256];
 
@@ -134,7 +149,7 @@ static void app_bytes(conn_t *c, const char *p, size_t n, double t) {
             }
             if (p == end) return;
             c->stamp[c->stamp_len] = 0;
-            if (n_samples < MAX_SAMPLES) samples[n_samples++] = t - strtod(c->stamp, NULL);
+            keep_sample(t - strtod(c->stamp, NULL));
             c->in_stamp = 0;
         }
         if (c->match) {
@@ -421,15 +436,16 @@ static void report(int percentiles) {
     }
     printf("{\"received\": %ld, \"per_connection_min\": %ld, \"per_connection_max\": %ld, "
            "\"open\": %d, \"closed\": %d, \"latency\": ", total, mn < 0 ? 0 : mn, mx, open, closed);
-    if (!n_samples || !percentiles) printf("{\"count\": %ld}", n_samples);
+    if (!n_samples || !percentiles) printf("{\"count\": %ld, \"seen\": %ld}", n_samples, n_seen);
     else {
         double *sorted = malloc(sizeof(double) * (size_t)n_samples);
         memcpy(sorted, samples, sizeof(double) * (size_t)n_samples);
         qsort(sorted, (size_t)n_samples, sizeof(double), cmp_double);
         long last = n_samples - 1, i50 = n_samples / 2, i99 = (long)(0.99 * n_samples);
         if (i99 > last) i99 = last;
-        printf("{\"count\": %ld, \"p50_ms\": %.3f, \"p99_ms\": %.3f, \"max_ms\": %.3f}", n_samples,
-               sorted[i50] * 1000, sorted[i99] * 1000, sorted[last] * 1000);
+        printf("{\"count\": %ld, \"seen\": %ld, \"p50_ms\": %.3f, \"p99_ms\": %.3f, "
+               "\"max_ms\": %.3f}", n_samples, n_seen, sorted[i50] * 1000, sorted[i99] * 1000,
+               max_seen * 1000);
         free(sorted);
     }
     printf(", \"paused_received\": %ld, \"paused_min\": %ld", paused_total,
@@ -537,7 +553,8 @@ int main(int argc, char **argv) {
                 line_len = 0;
                 if (!strcmp(line, "reset")) {
                     for (int i = 0; i < n_conns; i++) conns[i].count = 0;
-                    n_samples = 0;
+                    n_samples = n_seen = 0;
+                    max_seen = 0;
                     printf("{\"ok\": true}\n");
                     fflush(stdout);
                 } else if (!strcmp(line, "report")) report(1);

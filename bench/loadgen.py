@@ -25,6 +25,7 @@ import argparse
 import base64
 import json
 import os
+import random
 import re
 import resource
 import select
@@ -77,7 +78,7 @@ class Fleet:
         self.args = args
         self.epoll = select.epoll()
         self.conns: dict[int, Conn] = {}
-        self.latencies: list[float] = []
+        self.latencies = Samples()
         self.failed = 0
         self.errors: list[str] = []
 
@@ -212,12 +213,12 @@ class Fleet:
         joined = conn.carry + data
         conn.count += joined.count(MARKER)
         conn.carry = joined[-4:]
-        if conn.sampled and len(self.latencies) < MAX_SAMPLES:
+        if conn.sampled:
             now = time.monotonic()
             buf = conn.tail + data
             last = 0
             for match in _STAMP.finditer(buf):
-                self.latencies.append(now - float(match[1]))
+                self.latencies.add(now - float(match[1]))
                 last = match.end()
             conn.tail = buf[max(last, len(buf) - 64) :]
 
@@ -279,14 +280,14 @@ class Fleet:
             "per_connection_max": max(counts, default=0),
             "open": sum(1 for c in self.conns.values() if c.ready and not c.closed),
             "closed": sum(1 for c in self.conns.values() if c.closed),
-            "latency": summarize(self.latencies) if percentiles else {"count": len(self.latencies)},
+            "latency": self.latencies.summary() if percentiles else self.latencies.counts(),
             "errors": self.errors[:5],
         }
 
     def reset(self) -> None:
         for conn in self.conns.values():
             conn.count = 0
-        self.latencies = []
+        self.latencies.clear()
 
     def run(self) -> None:
         stdin = sys.stdin.fileno()
@@ -359,17 +360,46 @@ def ws_frame(payload: bytes, opcode: int = 1) -> bytes:
     return head + b"\0\0\0\0" + payload
 
 
-def summarize(samples: list[float]) -> dict[str, float | int]:
-    if not samples:
-        return {"count": 0}
-    ordered = sorted(samples)
-    last = len(ordered) - 1
+class Samples:
+    """Latency samples, at most ``limit`` kept: past it, each new one replaces a random kept one
+    with probability limit / seen (reservoir sampling), so the percentiles stand for the whole
+    step and not only for its first second, when the server is still warming up. The max is
+    over every sample. Same as loadgen.c."""
 
-    def at(q: float) -> float:
-        return round(ordered[min(last, int(q * len(ordered)))] * 1000, 3)
+    def __init__(self, limit: int = MAX_SAMPLES) -> None:
+        self.limit = limit
+        self.kept: list[float] = []
+        self.seen = 0
+        self.max = 0.0
+        self._random = random.Random(1)
 
-    return {"count": len(ordered), "p50_ms": at(0.50), "p99_ms": at(0.99),
-            "max_ms": round(ordered[-1] * 1000, 3)}
+    def add(self, value: float) -> None:
+        self.seen += 1
+        self.max = max(self.max, value)
+        if len(self.kept) < self.limit:
+            self.kept.append(value)
+            return
+        j = self._random.randrange(self.seen)
+        if j < self.limit:
+            self.kept[j] = value
+
+    def clear(self) -> None:
+        self.kept, self.seen, self.max = [], 0, 0.0
+
+    def counts(self) -> dict[str, float | int]:
+        return {"count": len(self.kept), "seen": self.seen}
+
+    def summary(self) -> dict[str, float | int]:
+        if not self.kept:
+            return self.counts()
+        ordered = sorted(self.kept)
+        last = len(ordered) - 1
+
+        def at(q: float) -> float:
+            return round(ordered[min(last, int(q * len(ordered)))] * 1000, 3)
+
+        return {**self.counts(), "p50_ms": at(0.50), "p99_ms": at(0.99),
+                "max_ms": round(self.max * 1000, 3)}
 
 
 def emit(obj: dict[str, object]) -> None:

@@ -1,5 +1,6 @@
 """The C load generator's counting: every marker counted and every sampled stamp read, however
-the reads cut the stream (a miscount would show as loss, or hide it)."""
+the reads cut the stream (a miscount would show as loss, or hide it); past its sample limit,
+the samples kept still cover the whole step."""
 
 from __future__ import annotations
 
@@ -127,6 +128,21 @@ int main(void) {
         h2_frame(trailers, 1, 0x5, 1, 0);
         grpc_bytes(&c, (const char *)trailers, 9, 1000.0);
         if (!c.closed) { printf("the end of the stream was not noticed\n"); return 1; }
+    }
+    /* Past MAX_SAMPLES, the kept samples stand for the whole run (reservoir), not its start:
+       of 3 x MAX_SAMPLES samples valued by arrival, about 2/3 of those kept are from after the
+       first MAX_SAMPLES; the max is over all of them */
+    n_samples = n_seen = 0;
+    max_seen = 0;
+    for (long i = 0; i < 3L * MAX_SAMPLES; i++) keep_sample((double)i);
+    long later = 0;
+    for (long i = 0; i < n_samples; i++) later += samples[i] >= MAX_SAMPLES;
+    if (n_samples != MAX_SAMPLES || n_seen != 3L * MAX_SAMPLES
+        || later < 0.64 * MAX_SAMPLES || later > 0.69 * MAX_SAMPLES
+        || max_seen != 3.0 * MAX_SAMPLES - 1) {
+        printf("reservoir: %%ld kept, %%ld seen, %%ld later, max %%f\n", n_samples, n_seen, later,
+               max_seen);
+        return 1;
     }
     printf("ok\n");
     return 0;
