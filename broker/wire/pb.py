@@ -66,7 +66,9 @@ def encode_event(event: Event) -> bytes:
     this runs once per event and transport, ~2 us)."""
     seq, payload = event.seq, event.payload
     millis = max(0, round(event.time * 1000))
-    topic = _topic_fields.get(event.topic) or _cached_str_field(_topic_fields, 2, event.topic)
+    topic = _topic_fields.get(event.topic)
+    if topic is None:
+        topic = _cached_str_field(_topic_fields, 2, event.topic)
     content_type = _type_fields.get(event.content_type)
     if content_type is None:
         content_type = _cached_str_field(_type_fields, 5, event.content_type)
