@@ -156,13 +156,11 @@ class Writer:
         self.broken = False
         self._fd = stream.socket.fileno()
         self._queue: list[bytes] = []
-        self._sending = False
+        # Bytes are queued or being sent by `run`: what comes next must follow them. A plain
+        # attribute, not a property: the router reads it once per subscriber per batch.
+        self.blocked = False
         self._wake = trio.Event()
         self._on_drained = on_drained
-
-    @property
-    def blocked(self) -> bool:
-        return self._sending or bool(self._queue)
 
     def send(self, parts: Sequence[bytes]) -> None:
         """Write now what the socket takes; the rest goes out next, before anything else."""
@@ -179,6 +177,7 @@ class Writer:
             if sent == total:
                 return
             self._queue.append(b"".join(parts)[sent:])
+            self.blocked = True
         else:
             self._queue.extend(parts)
         self._wake.set()
@@ -190,16 +189,15 @@ class Writer:
             while self._queue:
                 data = b"".join(self._queue)
                 self._queue.clear()
-                self._sending = True
                 try:
                     await self._stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    self.broken = True
+                    self.broken = True  # what comes next is dropped by `send`
                     self._queue.clear()
+                    self.blocked = False
                     self._on_broken()
                     return
-                finally:
-                    self._sending = False
+            self.blocked = False
             self._on_drained()
 
 
@@ -212,25 +210,26 @@ class StreamSink:
     def __init__(self, connection: Connection, stream_id: int) -> None:
         self._connection = connection
         self._stream_id = stream_id
+        self._h2c = connection.h2
         self._h2_stream = connection.h2.streams[stream_id]
+        self._writer = connection.writer
 
     def write_nowait(self, data: bytes) -> bool:
         """The router's case, in one step: one message in one DATA frame, written now (inline,
         not `_send_framed`: this runs once per subscriber per batch)."""
         size = len(data) + 5
-        connection = self._connection
-        h2c, stream = connection.h2, self._h2_stream
+        h2c, stream, writer = self._h2c, self._h2_stream, self._writer
         if (
-            size > connection.max_frame
+            writer.blocked
+            or size > self._connection.max_frame
             or size > h2c.outbound_flow_control_window
             or size > stream.outbound_flow_control_window
-            or connection.writer.blocked
             or stream.closed
         ):
             return self._write_messages((data,))  # split into frames, or declined
         h2c.outbound_flow_control_window -= size
         stream.outbound_flow_control_window -= size
-        connection.writer.send((_HEADS.pack(size << 8, 0, self._stream_id, 0, len(data)), data))
+        writer.send((_HEADS.pack(size << 8, 0, self._stream_id, 0, len(data)), data))
         return True
 
     def write_nowait_many(self, frames: Sequence[bytes]) -> bool:
