@@ -91,6 +91,26 @@ def markdown(record: dict[str, Any]) -> str:
                 f"{lat.get('max_ms')} | {b['server_cpu_percent']} | "
                 f"{b.get('load_cpu_percent', '')} | {ratio[0]} | {ratio[1]} |")
         lines.append("")
+    equal = results.get("transports")
+    if equal:
+        lines += ["## The broker's transports at equal load", "",
+                  "Each transport gets the same publish rate (with the broker's core not "
+                  "saturated), in interleaved rounds; the cost is the broker's CPU time per "
+                  "delivered message, the median over the rounds. Where the broker is "
+                  "CPU-bound its capacity goes as the inverse: `capacity vs SSE` is SSE's cost "
+                  "over the transport's.", "",
+                  "| subscribers | publish msg/s | transport | rounds | broker us per delivery | "
+                  "each round | capacity vs SSE | p50 ms | p99 ms | lost |",
+                  "| ---: | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+        for n, r in equal.items():
+            for transport, t in r["transports"].items():
+                each = ", ".join(f"{c}" for c in t["us_per_delivery_each"])
+                relative = f"{t['relative_capacity']}x" if t["relative_capacity"] else ""
+                lines.append(f"| {int(n):,} | {r['rate']:,.0f} | {transport} | {r['rounds']} | "
+                             f"{t['us_per_delivery']} | {each} | {relative} | {t['p50_ms']} | "
+                             f"{t['p99_ms']} | {t['lost']} |")
+        lines += ["", "The rate: " + "; ".join(f"x{n}: {r['rate_from']}"
+                                               for n, r in equal.items()) + ".", ""]
     if "idle" in results:
         lines += ["## Idle connections", "", "| transport | connections | KiB per connection | "
                   "broker CPU % (heartbeats included) |", "| --- | ---: | ---: | ---: |"]

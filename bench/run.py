@@ -436,6 +436,7 @@ class Plan:
     slow_subscribers: int = 100
     slow_rate: float = 5000.0  # 10 s of it overflows a stopped reader's buffer (10,000 events)
     latency_rate: float = 1000.0  # when the fan-out scenario did not run
+    rounds: int = 3  # the transports at equal load: interleaved rounds (the median is kept)
 
 
 def deliveries_start(n: int) -> float:
@@ -532,6 +533,106 @@ def scenario_fanout(plan: Plan) -> dict[str, Any]:
                 target.stop()
             out.setdefault(name, {}).setdefault(transport, {})[str(n)] = result
     return out
+
+
+EQUAL_LOAD_CPU_PERCENT = 70.0  # the equal load: SSE's highest held step at most this busy
+
+
+def equal_load_rate(n: int) -> tuple[float, str] | None:
+    """The publish rate at which the transports are compared with ``n`` subscribers: the
+    highest rate SSE held in this run's fan-out ramp with the broker's core at most
+    `EQUAL_LOAD_CPU_PERCENT` busy (so no transport is saturated), else half the lowest it
+    held; without a ramp, ~20,000 deliveries/s. None when SSE held no rate at all there."""
+    ramp_ = RESULTS.get("fanout", {}).get("broker", {}).get("sse", {}).get(str(n))
+    if ramp_ is None:
+        return deliveries_start(n), "plan"
+    held = [s for s in ramp_["steps"] if s["held"] and s["lost"] == 0]
+    if not held:
+        return None
+    light = [s["rate"] for s in held if s["server_cpu_percent"] <= EQUAL_LOAD_CPU_PERCENT]
+    if light:
+        return max(light), (f"fan-out sse x{n}: its highest held rate at <= "
+                            f"{EQUAL_LOAD_CPU_PERCENT:.0f} % CPU")
+    return min(s["rate"] for s in held) / 2, f"fan-out sse x{n}: half its lowest held rate"
+
+
+def scenario_transports(plan: Plan) -> dict[str, Any]:
+    """The broker's transports at the same load, for what each costs: the fan-out ramp's best
+    rate moves by 20-30 % between runs of the same code on this VM (near the p99 budget, a
+    saturated core's p99 is luck), so it cannot tell transports 10 % apart. Here every
+    transport gets the same rate, with headroom (`equal_load_rate`), in ``plan.rounds``
+    interleaved rounds, and the result is the broker's CPU per delivered message (the median
+    over the rounds). Where the broker is CPU-bound, its capacity goes as the inverse: the
+    `relative_capacity` column is SSE's cost over each transport's."""
+    out: dict[str, Any] = {}
+    for n in plan.fanout_subscribers:
+        chosen = equal_load_rate(n)
+        if chosen is None:
+            log(f"  transports x{n}: SSE held no rate in the fan-out ramp; not compared")
+            continue
+        rate, rate_from = chosen
+        transports = [t for t in plan.transports if t != "grpc" or n <= GRPC_MAX_SUBSCRIBERS]
+        started: list[tuple[str, Target, Subscribers]] = []
+        rounds: dict[str, list[Step]] = {t: [] for t in transports}
+        try:
+            for transport in transports:
+                target = start_broker()
+                try:
+                    subs = (GrpcSubscribers(target, n) if transport == "grpc"
+                            else Subscribers(target, transport, n))
+                except RuntimeError:
+                    target.stop()
+                    raise
+                started.append((transport, target, subs))
+            for round_ in range(plan.rounds):
+                for transport, target, subs in started:
+                    result = step(target, subs, rate, plan.seconds, mode="http-batch")
+                    rounds[transport].append(result)
+                    log(f"  transports x{n} round {round_ + 1}: {transport} at {rate:,.0f} "
+                        f"msg/s: {_us_per_delivery(result)} us of broker CPU per delivery, "
+                        f"lost {result.lost}, p99 {result.latency.get('p99_ms')} ms")
+        finally:
+            for _, target, subs in started:
+                subs.close()
+                target.stop()
+        by_transport = {t: _equal_load_summary(steps) for t, steps in rounds.items()}
+        sse = by_transport.get("sse", {}).get("us_per_delivery")
+        for summary in by_transport.values():
+            cost = summary["us_per_delivery"]
+            summary["relative_capacity"] = round(sse / cost, 2) if sse and cost else None
+        out[str(n)] = {"rate": rate, "rate_from": rate_from, "rounds": plan.rounds,
+                       "transports": by_transport}
+    return out
+
+
+def _us_per_delivery(result: Step) -> float | None:
+    if not result.received:
+        return None
+    return round(result.server_cpu_percent / 100 * result.seconds / result.received * 1e6, 3)
+
+
+def _median(values: list[float]) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _equal_load_summary(steps: list[Step]) -> dict[str, Any]:
+    costs = [c for c in map(_us_per_delivery, steps) if c is not None]
+
+    def middle(values: list[float], digits: int) -> float | None:
+        value = _median(values)
+        return None if value is None else round(value, digits)
+
+    return {"us_per_delivery": middle(costs, 3), "us_per_delivery_each": costs,
+            "p50_ms": middle([s.latency["p50_ms"] for s in steps if "p50_ms" in s.latency], 3),
+            "p99_ms": middle([s.latency["p99_ms"] for s in steps if "p99_ms" in s.latency], 3),
+            "lost": sum(s.lost for s in steps),
+            "delivered_per_second": middle([s.delivered_per_second for s in steps], 0),
+            "server_cpu_percent": middle([s.server_cpu_percent for s in steps], 1),
+            "steps": [s.__dict__ for s in steps]}
 
 
 class GrpcSubscribers(Subscribers):
@@ -854,6 +955,7 @@ def _stop_and_catch_up(target: Target, subs: Subscribers, k: int, count: int,
 SCENARIOS: dict[str, Callable[[Plan], dict[str, Any]]] = {
     "capacity": scenario_capacity,
     "fanout": scenario_fanout,
+    "transports": scenario_transports,
     "idle": scenario_idle,
     "publish": scenario_publish,
     "cluster": scenario_cluster,
@@ -866,11 +968,11 @@ RESULTS: dict[str, Any] = {}  # this run's results so far (the latency scenario 
 PLANS = {
     "full": Plan(),
     "quick": Plan(seconds=3.0, fanout_subscribers=(100, 1000), idle_connections=(2000,),
-                  publish_count=20000, max_steps=8, topics=1000, refine=1),
+                  publish_count=20000, max_steps=8, topics=1000, refine=1, rounds=2),
     "tiny": Plan(seconds=1.0, fanout_subscribers=(10,), idle_connections=(20,),
                  publish_count=2000, max_steps=2, refine=0, idle_seconds=1.0,
                  slow_subscribers=20, topics=20,
-                 slow_rate=500.0, latency_rate=100.0),
+                 slow_rate=500.0, latency_rate=100.0, rounds=1),
 }
 
 

@@ -20,7 +20,8 @@ def test_the_tiny_plan_runs_every_scenario_and_writes_its_record(tmp_path: Path)
     assert record["commit"] and record["machine"]["cores"] and record["command"]
     results = record["results"]
     assert set(results) == {
-        "capacity", "fanout", "idle", "publish", "cluster", "slow", "topics", "latency"}
+        "capacity", "fanout", "transports", "idle", "publish", "cluster", "slow", "topics",
+        "latency"}
     for kind in ("topics", "patterns"):
         first = results["topics"][kind]["steps"][0]
         assert first["lost"] == 0 and first["received"] == first["published"], first
@@ -33,6 +34,14 @@ def test_the_tiny_plan_runs_every_scenario_and_writes_its_record(tmp_path: Path)
     for first in firsts:
         assert first["lost"] == 0 and first["received"] == first["published"] * 10, first
         assert first["latency"]["count"] > 0
+    # the transports at equal load: one round each at a rate SSE held in the ramp (a ramp
+    # whose every rate failed, even halved three times, would leave nothing to compare)
+    equal = results["transports"]["10"]
+    assert set(equal["transports"]) == {"sse", "ndjson", "ws", "grpc"}
+    for transport, r in equal["transports"].items():
+        assert r["lost"] == 0 and len(r["us_per_delivery_each"]) == 1, (transport, r)
+        assert r["us_per_delivery"] > 0 and r["relative_capacity"] > 0, (transport, r)
+    assert equal["transports"]["sse"]["relative_capacity"] == 1.0
     assert {"sse", "ws"} == set(results["idle"])
     assert all(r["rate"] > 0 for r in results["publish"].values())
     assert results["publish"]["nats"]["stored_rate"] > 0
@@ -46,6 +55,7 @@ def test_the_tiny_plan_runs_every_scenario_and_writes_its_record(tmp_path: Path)
         assert r["lost"] == 0 and r["received"] == r["published"] * subscribers > 0, (path, r)
     summary = (tmp_path / "latest-tiny.md").read_text()
     assert "## Latency at a light load" in summary
+    assert "## The broker's transports at equal load" in summary
     assert "| broker | sse | 10 |" in summary and "| broker | grpc | 10 |" in summary
     for plot in ("fanout", "latency", "idle"):
         assert (tmp_path / f"latest-tiny-{plot}.png").stat().st_size > 5000
