@@ -110,7 +110,10 @@ def markdown(record: dict[str, Any]) -> str:
                              f"{t['us_per_delivery']} | {each} | {relative} | {t['p50_ms']} | "
                              f"{t['p99_ms']} | {t['lost']} |")
         lines += ["", "The rate: " + "; ".join(f"x{n}: {r['rate_from']}"
-                                               for n, r in equal.items()) + ".", ""]
+                                               for n, r in equal.items()) + "."]
+        lines += [f"Not compared at {int(n):,}: {transport} ({error.strip()[:120]})."
+                  for n, r in equal.items() for transport, error in r.get("errors", {}).items()]
+        lines.append("")
     if "idle" in results:
         lines += ["## Idle connections", "", "| transport | connections | KiB per connection | "
                   "broker CPU % (heartbeats included) |", "| --- | ---: | ---: | ---: |"]

@@ -573,17 +573,21 @@ def scenario_transports(plan: Plan) -> dict[str, Any]:
         rate, rate_from = chosen
         transports = [t for t in plan.transports if t != "grpc" or n <= GRPC_MAX_SUBSCRIBERS]
         started: list[tuple[str, Target, Subscribers]] = []
-        rounds: dict[str, list[Step]] = {t: [] for t in transports}
+        rounds: dict[str, list[Step]] = {}
+        errors: dict[str, str] = {}
         try:
             for transport in transports:
                 target = start_broker()
                 try:
                     subs = (GrpcSubscribers(target, n) if transport == "grpc"
                             else Subscribers(target, transport, n))
-                except RuntimeError:
+                except RuntimeError as exc:  # as in fan-out: the others are still compared
                     target.stop()
-                    raise
+                    log(f"  transports x{n}: {transport}: {exc}")
+                    errors[transport] = str(exc)
+                    continue
                 started.append((transport, target, subs))
+                rounds[transport] = []
             for round_ in range(plan.rounds):
                 for transport, target, subs in started:
                     result = step(target, subs, rate, plan.seconds, mode="http-batch")
@@ -601,7 +605,7 @@ def scenario_transports(plan: Plan) -> dict[str, Any]:
             cost = summary["us_per_delivery"]
             summary["relative_capacity"] = round(sse / cost, 2) if sse and cost else None
         out[str(n)] = {"rate": rate, "rate_from": rate_from, "rounds": plan.rounds,
-                       "transports": by_transport}
+                       "transports": by_transport, **({"errors": errors} if errors else {})}
     return out
 
 
