@@ -19,6 +19,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -615,20 +616,11 @@ def _us_per_delivery(result: Step) -> float | None:
     return round(result.server_cpu_percent / 100 * result.seconds / result.received * 1e6, 3)
 
 
-def _median(values: list[float]) -> float | None:
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def _equal_load_summary(steps: list[Step]) -> dict[str, Any]:
     costs = [c for c in map(_us_per_delivery, steps) if c is not None]
 
     def middle(values: list[float], digits: int) -> float | None:
-        value = _median(values)
-        return None if value is None else round(value, digits)
+        return round(statistics.median(values), digits) if values else None
 
     return {"us_per_delivery": middle(costs, 3), "us_per_delivery_each": costs,
             "p50_ms": middle([s.latency["p50_ms"] for s in steps if "p50_ms" in s.latency], 3),
