@@ -155,14 +155,14 @@ class Writer:
         self._on_broken = on_broken
         self.broken = False
         self._fd = stream.socket.fileno()
-        self._queue: list[bytes] = []
+        self._queue: list[bytes | memoryview] = []
         # Bytes are queued or being sent by `run`: what comes next must follow them. A plain
         # attribute, not a property: the router reads it once per subscriber per batch.
         self.blocked = False
         self._wake = trio.Event()
         self._on_drained = on_drained
 
-    def send(self, parts: Sequence[bytes]) -> None:
+    def send(self, parts: Sequence[bytes | memoryview]) -> None:
         """Write now what the socket takes; the rest goes out next, before anything else."""
         if self.broken:
             return
@@ -237,10 +237,12 @@ class StreamSink:
 
     def _write_messages(self, messages: Sequence[bytes]) -> bool:
         """Several messages, or one over the frame size: all now in DATA frames, or nothing."""
-        body = b"".join(_MESSAGE_HEAD.pack(0, len(data)) + data for data in messages)
+        body = b"".join(
+            part for data in messages for part in (_MESSAGE_HEAD.pack(0, len(data)), data)
+        )
         if self._connection.writer.blocked or len(body) > self._window() or self._h2_stream.closed:
             return False
-        self._send_framed(body)
+        self._send_framed(memoryview(body))
         return True
 
     async def write(self, data: bytes) -> None:
@@ -265,15 +267,16 @@ class StreamSink:
         connection_window = self._connection.h2.outbound_flow_control_window
         return min(connection_window, h2_stream.outbound_flow_control_window)
 
-    def _send_framed(self, body: bytes | memoryview) -> None:
-        """``body`` in DATA frames of at most the peer's frame size, its windows lowered."""
+    def _send_framed(self, body: memoryview) -> None:
+        """``body`` in DATA frames of at most the peer's frame size, its windows lowered. The
+        frames are slices of ``body``, not copies (one `writev` takes them all)."""
         connection = self._connection
         max_frame = connection.max_frame
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         for start in range(0, len(body), max_frame):
             piece = body[start : start + max_frame]
             parts.append(_DATA_HEAD.pack(len(piece) << 8, 0, self._stream_id))
-            parts.append(bytes(piece))
+            parts.append(piece)
         connection.h2.outbound_flow_control_window -= len(body)
         self._h2_stream.outbound_flow_control_window -= len(body)
         connection.writer.send(parts)
