@@ -65,7 +65,7 @@ class Framings:
         # encoded once and a run's frames are joined once, like an SSE run (decisions #20).
         self.ws_wire = {
             codec: Framing(
-                Format(codec.value + "+wire", _wired(codec, _ws_event_encoder(codec))),
+                Format(codec.value + "+wire", _ws_wire_event_encoder(codec)),
                 gap=_wired(codec, partial(_ws_gap, codec)),
                 reset=_wired(codec, partial(_ws_reset, codec)),
                 joined=True,
@@ -86,6 +86,12 @@ def _ws_event_encoder(codec: ws.Codec) -> Callable[[Event], bytes]:
     if codec is ws.Codec.JSON:
         return ws.encode_event_json
     return ws.encode_event_msgpack
+
+
+def _ws_wire_event_encoder(codec: ws.Codec) -> Callable[[Event], bytes]:
+    if codec is ws.Codec.JSON:
+        return ws.wire_event_json
+    return _wired(codec, ws.encode_event_msgpack)
 
 
 def _wired(codec: ws.Codec, encode: Callable[..., bytes]) -> Callable[..., bytes]:

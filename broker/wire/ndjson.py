@@ -106,11 +106,34 @@ def _json_data(event: Event) -> bytes | None:
     return payload.replace(b"\r", b" ").replace(b"\n", b" ")
 
 
+# Topics as JSON strings, escaped once per distinct topic (cleared when it grows past this many).
+_MAX_CACHED_TOPICS = 10_000
+_topic_strings: dict[str, bytes] = {}
+
+
+def topic_json(topic: str) -> bytes:
+    """``topic`` as a JSON string."""
+    string = _topic_strings.get(topic)
+    if string is None:
+        if len(_topic_strings) >= _MAX_CACHED_TOPICS:
+            _topic_strings.clear()
+        string = _topic_strings[topic] = encode_basestring(topic).encode()
+    return string
+
+
 def event_json(event: Event) -> bytes:
     """The event's NDJSON object, compact, without the newline (keys as docs/protocol.md)."""
+    # The usual case, in one go (0.9 -> 0.4 us): a JSON value the broker serialised, no event name
+    if event.json_line and event.event is None and event.content_type == JSON_CONTENT_TYPE:
+        return b'{"seq":%d,"topic":%b,"time":%d,"data":%b}' % (
+            event.seq,
+            topic_json(event.topic),
+            round(event.time * 1000),
+            event.payload,  # json_line: application/json, one line, made by the broker
+        )
     head = b'{"seq":%d,"topic":%s,"time":%d' % (
         event.seq,
-        encode_basestring(event.topic).encode(),
+        topic_json(event.topic),
         round(event.time * 1000),  # int() would truncate 1.005 s to 1004 ms
     )
     if event.event is not None:
@@ -127,6 +150,14 @@ def event_json(event: Event) -> bytes:
 
 
 def encode_event(event: Event) -> bytes:
+    # As in `event_json`, with the newline in the same format (no second copy)
+    if event.json_line and event.event is None and event.content_type == JSON_CONTENT_TYPE:
+        return b'{"seq":%d,"topic":%b,"time":%d,"data":%b}\n' % (
+            event.seq,
+            topic_json(event.topic),
+            round(event.time * 1000),
+            event.payload,
+        )
     return event_json(event) + b"\n"
 
 

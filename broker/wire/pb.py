@@ -24,6 +24,10 @@ _ONE_BYTE = [bytes((n,)) for n in range(0x80)]
 def _varint(n: int) -> bytes:
     if n < 0x80:
         return _ONE_BYTE[n]
+    if n < 0x4000:  # lengths, and seqs below 16 k
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
+    if n < 0x200000:  # seqs below 2 M
+        return bytes(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80, n >> 14))
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -61,11 +65,21 @@ def _cached_str_field(cache: dict[Any, bytes], number: int, text: str | None) ->
     return field
 
 
+# The last publish time's field: events published together share their millisecond, and a
+# time's varint is six bytes (~0.4 us to make).
+_last_time: list[Any] = [None, b""]
+
+
 def encode_event(event: Event) -> bytes:
     """The event as one ``events`` entry of a ``Delivery`` (fields 1-6 of ``Event``, by hand:
-    this runs once per event and transport, ~2 us)."""
+    this runs once per event and transport, ~1 us)."""
     seq, payload = event.seq, event.payload
     millis = max(0, round(event.time * 1000))
+    if millis == _last_time[0]:
+        time = _last_time[1]
+    else:
+        time = b"\x18" + _varint(millis) if millis else b""
+        _last_time[:] = millis, time
     topic = _topic_fields.get(event.topic)
     if topic is None:
         topic = _cached_str_field(_topic_fields, 2, event.topic)
@@ -75,17 +89,15 @@ def encode_event(event: Event) -> bytes:
     name = _name_fields.get(event.event)
     if name is None:
         name = _cached_str_field(_name_fields, 6, event.event)
-    body = b"".join(
-        (
-            b"\x08" + _varint(seq) if seq else b"",
-            topic,
-            b"\x18" + _varint(millis) if millis else b"",
-            b"\x22" + _varint(len(payload)) + payload if payload else b"",
-            content_type,
-            name,
-        )
+    body = b"%b%b%b%b%b%b" % (
+        b"\x08" + _varint(seq) if seq else b"",
+        topic,
+        time,
+        b"\x22" + _varint(len(payload)) + payload if payload else b"",
+        content_type,
+        name,
     )
-    return b"\x0a" + _varint(len(body)) + body
+    return b"\x0a%b%b" % (_varint(len(body)), body)
 
 
 def encode_gap(from_seq: int, to_seq: int, topic: str | None = None, sub: str = "") -> bytes:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from broker.errors import Problem, ProtocolError, RequestError
 from broker.model import AppendRequest, Event
-from broker.wire import ndjson
+from broker.wire import ndjson, ws
 from broker.wire.ndjson import LineSplitter, parse_publish_batch, parse_publish_line
 
 MiB = 1_048_576
@@ -439,6 +439,8 @@ def test_a_batch_line_marks_its_payload_json_only_when_it_serialised_a_value(
                    json_line=request.json_line)
     # splicing unparsed gives exactly what validating gives
     assert ndjson.event_json(marked) == ndjson.event_json(event)
+    assert ndjson.encode_event(marked) == ndjson.encode_event(event)
+    assert ws.encode_event_json(marked) == ws.encode_event_json(event)
 
 
 def test_base64_and_text_payloads_are_not_marked_json() -> None:

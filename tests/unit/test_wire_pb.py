@@ -52,3 +52,26 @@ def test_control_messages() -> None:
     assert message.HasField("heartbeat")
     assert (message.ack.id, message.ack.seq, message.ack.duplicate) == ("r1", 9, True)
     assert (message.error.problem, message.error.detail) == ("bad-topic", "topic 'a b' ☃")
+
+
+def test_varints_at_every_length_boundary() -> None:
+    def reference(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+
+    for bits in range(0, 64):
+        for n in {(1 << bits) - 1, 1 << bits, (1 << bits) + 1}:
+            assert pb._varint(n) == reference(n), n
+
+
+def test_events_sharing_or_changing_their_millisecond() -> None:
+    """The last time's field is reused: consecutive events with the same, a later, an earlier
+    and a zero time each carry their own."""
+    times = [1763790000.1231, 1763790000.1232, 1763790000.125, 5.0, 0.0, 0.0, 1763790000.125]
+    batch = [Event(i + 1, "t", b"x", "", t) for i, t in enumerate(times)]
+    message = broker_pb2.Delivery.FromString(b"".join(pb.encode_event(e) for e in batch))
+    assert [e.time_ms for e in message.events] == [round(t * 1000) for t in times]

@@ -485,6 +485,22 @@ def test_a_wire_frame_is_byte_for_byte_what_wsproto_sends(codec: Codec, size: in
     assert ws.wire_frame(codec, payload) == bytes(reference.send_data(data, fin=True))
 
 
+@pytest.mark.parametrize("size", [0, 60, 100, 126, 65_400, 65_536, 70_000])
+@pytest.mark.parametrize("name", [None, "note"])
+def test_a_json_event_wire_frame_is_its_frame_as_wsproto_sends_it(
+    size: int, name: str | None
+) -> None:
+    """`wire_event_json` (one format for the usual case) against the frame built in steps."""
+    payload = json.dumps("x" * size).encode()
+    for marked in (True, False):
+        event = Event(2**40 + 3, "a.b", payload, "application/json", 1.5, name, json_line=marked)
+        frame = ws.encode_event_json(event)
+        assert frame == ws.encode_event_json(Event(2**40 + 3, "a.b", payload, "application/json",
+                                                   1.5, name))
+        reference = FrameProtocol(client=False, extensions=[])
+        assert ws.wire_event_json(event) == bytes(reference.send_data(frame.decode(), fin=True))
+
+
 @pytest.mark.parametrize("codec", list(Codec))
 def test_a_published_json_value_is_marked_for_splicing_and_text_is_not(codec: Codec) -> None:
     def publish(data: object) -> Publish:
