@@ -201,9 +201,22 @@ class Writer:
             self._on_drained()
 
 
+# A stream's flow-control credit (`StreamSink`): taken in steps of at most this much beyond
+# the write at hand, and only while the connection's window keeps this much for other streams.
+CREDIT_STEP = 1 << 20
+CREDIT_FLOOR = 1 << 20
+
+
 class StreamSink:
     """A server stream's `DirectSink`: each write is one gRPC message (a ``Delivery``) in DATA
-    frames, written when the socket is free and the flow-control windows allow it whole."""
+    frames, written when the socket is free and the flow-control windows allow it whole.
+
+    The sink lowers h2's windows ahead of its writes and keeps the difference as ``_credit``:
+    a write then reads only the sink (h2's two window counters and the stream's state machine
+    are three more objects per subscriber; at 1,000 subscribers, with every one out of the
+    CPU's caches, reading them was ~2 of a write's ~2.5 us of Python). Credit beyond the write
+    at hand is taken only from a connection window that keeps `CREDIT_FLOOR` for the other
+    streams, and is given back when the stream ends or the peer changes its settings."""
 
     pending = False  # what the socket does not take is the connection's to send (`Writer`)
 
@@ -213,23 +226,18 @@ class StreamSink:
         self._h2c = connection.h2
         self._h2_stream = connection.h2.streams[stream_id]
         self._writer = connection.writer
+        self._max_frame = connection.max_frame
+        self._credit = 0  # bytes by which both windows are lowered and not yet sent
+        self.closed = False  # the stream has ended: nothing more is written
 
     def write_nowait(self, data: bytes) -> bool:
         """The router's case, in one step: one message in one DATA frame, written now (inline,
         not `_send_framed`: this runs once per subscriber per batch)."""
         size = len(data) + 5
-        h2c, stream, writer = self._h2c, self._h2_stream, self._writer
-        if (
-            writer.blocked
-            or size > self._connection.max_frame
-            or size > h2c.outbound_flow_control_window
-            or size > stream.outbound_flow_control_window
-            or stream.closed
-        ):
-            return self._write_messages((data,))  # split into frames, or declined
-        h2c.outbound_flow_control_window -= size
-        stream.outbound_flow_control_window -= size
-        writer.send((_HEADS.pack(size << 8, 0, self._stream_id, 0, len(data)), data))
+        if size > self._credit or size > self._max_frame or self._writer.blocked:
+            return self._write_messages((data,))  # more credit, split into frames, or declined
+        self._credit -= size
+        self._writer.send((_HEADS.pack(size << 8, 0, self._stream_id, 0, len(data)), data))
         return True
 
     def write_nowait_many(self, frames: Sequence[bytes]) -> bool:
@@ -240,7 +248,7 @@ class StreamSink:
         body = b"".join(
             part for data in messages for part in (_MESSAGE_HEAD.pack(0, len(data)), data)
         )
-        if self._connection.writer.blocked or len(body) > self._window() or self._h2_stream.closed:
+        if self._writer.blocked or self.closed or not self._reserve(len(body)):
             return False
         self._send_framed(memoryview(body))
         return True
@@ -252,34 +260,74 @@ class StreamSink:
         connection = self._connection
         body = memoryview(_MESSAGE_HEAD.pack(0, len(data)) + data)
         while body:
-            if self._h2_stream.closed:
+            if self.closed:
                 raise trio.BrokenResourceError("the stream was reset")
-            window = self._window()
-            if connection.writer.blocked or window <= 0:
+            window = self._credit + self._window()
+            if self._writer.blocked or window <= 0:
                 await connection.changed()
                 continue
-            self._send_framed(body[:window])
+            piece = body[:window]
+            self._reserve(len(piece))
+            self._send_framed(piece)
             body = body[window:]
 
     def _window(self) -> int:
-        """What the flow-control windows let us send on this stream now."""
-        h2_stream = self._h2_stream
-        connection_window = self._connection.h2.outbound_flow_control_window
-        return min(connection_window, h2_stream.outbound_flow_control_window)
+        """What h2's flow-control windows let us send on this stream now, beyond our credit."""
+        return min(
+            self._h2c.outbound_flow_control_window, self._h2_stream.outbound_flow_control_window
+        )
+
+    def _reserve(self, size: int) -> bool:
+        """Credit for ``size`` bytes, taken from the windows now; False (nothing taken) if they
+        do not allow it. Takes up to `CREDIT_STEP` more while the connection's window keeps
+        `CREDIT_FLOOR` for other streams."""
+        need = size - self._credit
+        if need <= 0:
+            return True
+        h2c, stream = self._h2c, self._h2_stream
+        if need > min(h2c.outbound_flow_control_window, stream.outbound_flow_control_window):
+            return False
+        spare = min(
+            CREDIT_STEP,
+            stream.outbound_flow_control_window,
+            h2c.outbound_flow_control_window - CREDIT_FLOOR,
+        )
+        taken = max(need, spare)
+        h2c.outbound_flow_control_window -= taken
+        stream.outbound_flow_control_window -= taken
+        self._credit += taken
+        return True
 
     def _send_framed(self, body: memoryview) -> None:
-        """``body`` in DATA frames of at most the peer's frame size, its windows lowered. The
-        frames are slices of ``body``, not copies (one `writev` takes them all)."""
-        connection = self._connection
-        max_frame = connection.max_frame
+        """``body`` (reserved: within our credit) in DATA frames of at most the peer's frame
+        size. The frames are slices of ``body``, not copies (one `writev` takes them all)."""
+        max_frame = self._max_frame
         parts: list[bytes | memoryview] = []
         for start in range(0, len(body), max_frame):
             piece = body[start : start + max_frame]
             parts.append(_DATA_HEAD.pack(len(piece) << 8, 0, self._stream_id))
             parts.append(piece)
-        connection.h2.outbound_flow_control_window -= len(body)
-        self._h2_stream.outbound_flow_control_window -= len(body)
-        connection.writer.send(parts)
+        self._credit -= len(body)
+        self._writer.send(parts)
+
+    def _give_back(self) -> None:
+        """Return the credit to h2's windows (as if never taken)."""
+        if self._credit:
+            self._h2c.outbound_flow_control_window += self._credit
+            self._h2_stream.outbound_flow_control_window += self._credit
+            self._credit = 0
+            self._connection.window_opened()
+
+    def settings_changed(self) -> None:
+        """The peer changed its settings: a smaller initial window may have shrunk the stream's
+        (credit must not outlast it), and the frame size may have changed."""
+        self._give_back()
+        self._max_frame = self._connection.max_frame
+
+    def close(self) -> None:
+        """The stream has ended (reset by the client, or finished by us)."""
+        self.closed = True
+        self._give_back()
 
     async def flush(self) -> None:
         return None
@@ -316,6 +364,10 @@ class Connection:
     def _changed(self) -> None:
         self._change.set()
         self._change = trio.Event()
+
+    def window_opened(self) -> None:
+        """A sink gave credit back: writes waiting for a window may go on."""
+        self._changed()
 
     async def changed(self) -> None:
         """Wait for a window to open or the writer to drain."""
@@ -413,6 +465,9 @@ class Connection:
             changed = event.changed_settings.get(h2.settings.SettingCodes.MAX_FRAME_SIZE)
             if changed is not None:
                 self.max_frame = changed.new_value
+            for call in list(self.calls.values()):
+                if call.sink is not None:
+                    call.sink.settings_changed()
             self._changed()
         elif isinstance(event, h2.events.WindowUpdated):
             self._changed()
@@ -437,6 +492,7 @@ class Call:
         self._ended = False  # the client sends no more
         self._error: CallError | None = None
         self._answered = False  # response headers sent
+        self.sink: StreamSink | None = None  # the responses' sink, once they start
 
     # -- from the connection's reader ---------------------------------------------------------
 
@@ -461,6 +517,8 @@ class Call:
 
     def reset(self) -> None:
         self.connection.calls.pop(self.stream_id, None)
+        if self.sink is not None:
+            self.sink.close()
         self._ended = True
         self.scope.cancel()
         self._arrived.set()
@@ -533,7 +591,7 @@ class Call:
         if await self.next_message() is not None:
             raise CallError(UNIMPLEMENTED, "Subscribe takes one request message; more came")
         self._send_headers(())
-        sink = StreamSink(self.connection, self.stream_id)
+        sink = self.sink = StreamSink(self.connection, self.stream_id)
         with trio.move_on_after(float("inf") if time_limit is None else time_limit) as deadline:
             code, message = await self.connection.backend.subscribe(request, sink)
         if deadline.cancelled_caught:
@@ -551,7 +609,7 @@ class Call:
                 while (response := await call.read()) is not None:
                     if sink is None:
                         self._send_headers(await call.initial_metadata())
-                        sink = StreamSink(self.connection, self.stream_id)
+                        sink = self.sink = StreamSink(self.connection, self.stream_id)
                     await sink.write(response)
                 nursery.cancel_scope.cancel()
         except BaseException:
@@ -595,6 +653,8 @@ class Call:
     def _finish(self, code: int, message: str, trailers: Metadata) -> None:
         connection = self.connection
         connection.calls.pop(self.stream_id, None)
+        if self.sink is not None:
+            self.sink.close()
         fields = [(b"grpc-status", str(code).encode())]
         if message:
             fields.append((b"grpc-message", grpc_message(message)))
