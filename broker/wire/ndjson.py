@@ -121,16 +121,29 @@ def topic_json(topic: str) -> bytes:
     return string
 
 
-def event_json(event: Event) -> bytes:
-    """The event's NDJSON object, compact, without the newline (keys as docs/protocol.md)."""
-    # The usual case, in one go (0.9 -> 0.4 us): a JSON value the broker serialised, no event name
+def splice_usual(template: bytes, event: Event) -> bytes | None:
+    """``template`` filled with the event's seq, topic, time and data if it is the usual event
+    (a JSON value the broker serialised, no event name: spliced in one formatting step, 0.76 ->
+    0.43 us for a line); None for any other, which takes the step-by-step way."""
     if event.json_line and event.event is None and event.content_type == JSON_CONTENT_TYPE:
-        return b'{"seq":%d,"topic":%b,"time":%d,"data":%b}' % (
+        return template % (
             event.seq,
             topic_json(event.topic),
-            round(event.time * 1000),
-            event.payload,  # json_line: application/json, one line, made by the broker
+            round(event.time * 1000),  # int() would truncate 1.005 s to 1004 ms
+            event.payload,
         )
+    return None
+
+
+_EVENT_JSON = b'{"seq":%d,"topic":%b,"time":%d,"data":%b}'
+_EVENT_LINE = _EVENT_JSON + b"\n"
+
+
+def event_json(event: Event) -> bytes:
+    """The event's NDJSON object, compact, without the newline (keys as docs/protocol.md)."""
+    usual = splice_usual(_EVENT_JSON, event)
+    if usual is not None:
+        return usual
     head = b'{"seq":%d,"topic":%s,"time":%d' % (
         event.seq,
         topic_json(event.topic),
@@ -150,14 +163,9 @@ def event_json(event: Event) -> bytes:
 
 
 def encode_event(event: Event) -> bytes:
-    # As in `event_json`, with the newline in the same format (no second copy)
-    if event.json_line and event.event is None and event.content_type == JSON_CONTENT_TYPE:
-        return b'{"seq":%d,"topic":%b,"time":%d,"data":%b}\n' % (
-            event.seq,
-            topic_json(event.topic),
-            round(event.time * 1000),
-            event.payload,
-        )
+    usual = splice_usual(_EVENT_LINE, event)  # the newline in the same step: no second copy
+    if usual is not None:
+        return usual
     return event_json(event) + b"\n"
 
 

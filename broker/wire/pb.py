@@ -72,7 +72,7 @@ _last_time: list[Any] = [None, b""]
 
 def encode_event(event: Event) -> bytes:
     """The event as one ``events`` entry of a ``Delivery`` (fields 1-6 of ``Event``, by hand:
-    this runs once per event and transport, ~1 us)."""
+    this runs once per event and transport, ~1.3 us)."""
     seq, payload = event.seq, event.payload
     millis = max(0, round(event.time * 1000))
     if millis == _last_time[0]:

@@ -31,7 +31,7 @@ from broker.wire.ndjson import (
     dumps_compact,
     event_json,
     loads_strict,
-    topic_json,
+    splice_usual,
 )
 
 JSON_SUBPROTOCOL = "broker.v1.json"
@@ -61,16 +61,14 @@ def choose_codec(offered: Sequence[str]) -> Codec | None:
     return None
 
 
+_EVENT_JSON = b'{"type":"event","seq":%d,"topic":%b,"time":%d,"data":%b}'
+
+
 def encode_event_json(event: Event) -> bytes:
     # The NDJSON object with "type" first: one set of data rules for every transport.
-    # The usual case in one go, as in `event_json`
-    if event.json_line and event.event is None and event.content_type == JSON_CONTENT_TYPE:
-        return b'{"type":"event","seq":%d,"topic":%b,"time":%d,"data":%b}' % (
-            event.seq,
-            topic_json(event.topic),
-            round(event.time * 1000),
-            event.payload,
-        )
+    usual = splice_usual(_EVENT_JSON, event)
+    if usual is not None:
+        return usual
     return b'{"type":"event",' + event_json(event)[1:]
 
 
@@ -121,7 +119,7 @@ def wire_frame(codec: Codec, payload: bytes) -> bytes:
 
 def wire_event_json(event: Event) -> bytes:
     """`encode_event_json` as a whole text frame: what the native path shares among subscribers
-    (one format instead of a head and a join: 1.06 -> 0.5 us)."""
+    (one format instead of a head and a join: 1.05 -> 0.6 us)."""
     payload = encode_event_json(event)
     size = len(payload)
     if size < 126:
