@@ -235,7 +235,8 @@ class StreamSink:
         not `_send_framed`: this runs once per subscriber per batch)."""
         size = len(data) + 5
         if size > self._credit or size > self._max_frame or self._writer.blocked:
-            return self._write_messages((data,))  # more credit, split into frames, or declined
+            # more credit, split into frames, or declined (a closed sink has no credit)
+            return self._write_messages((data,))
         self._credit -= size
         self._writer.send((_HEADS.pack(size << 8, 0, self._stream_id, 0, len(data)), data))
         return True
@@ -284,9 +285,9 @@ class StreamSink:
         need = size - self._credit
         if need <= 0:
             return True
-        h2c, stream = self._h2c, self._h2_stream
-        if need > min(h2c.outbound_flow_control_window, stream.outbound_flow_control_window):
+        if need > self._window():
             return False
+        h2c, stream = self._h2c, self._h2_stream
         spare = min(
             CREDIT_STEP,
             stream.outbound_flow_control_window,
