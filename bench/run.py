@@ -65,21 +65,56 @@ def pinned(core: str, argv: list[str]) -> list[str]:
     return ["taskset", "-c", core, *argv] if shutil.which("taskset") and os.cpu_count() else argv
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports free now (held open together while they are picked,
+    so that no two are the same)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
-def wait_port(port: int, timeout: float = 20.0) -> None:
+class ServerExited(RuntimeError):
+    """A server under test exited before it listened."""
+
+
+def wait_port(port: int, process: subprocess.Popen[Any], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServerExited(f"the server exited ({process.returncode}) before listening on "
+                               f"{port}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on {port} after {timeout} s")
+
+
+def start_listening(
+    start: Callable[[list[int]], subprocess.Popen[Any]], ports: int, tries: int = 3
+) -> tuple[subprocess.Popen[Any], list[int]]:
+    """Start a server on ``ports`` ports picked free (``start`` is given them) and wait until
+    it listens on every one. A port picked free can be taken before the server binds it (by
+    another process's connection, or by one of the server's own loopback listeners); a server
+    that exits before listening is started again on new ports."""
+    for attempt in range(tries):
+        chosen = free_ports(ports)
+        process = start(chosen)
+        try:
+            for port in chosen:
+                wait_port(port, process)
+        except ServerExited as exc:
+            log(f"  {exc}; starting it again on other ports")
+            if attempt == tries - 1:
+                raise
+            continue
+        return process, chosen
+    raise AssertionError("unreachable")
 
 
 # -- servers under test ---------------------------------------------------------------------
@@ -116,23 +151,26 @@ class Target:
 
 
 def start_broker(name: str = "broker", nats_url: str = "", stream: str = "") -> Target:
-    port, grpc_port = free_port(), free_port()
-    argv = [PYTHON, "-m", "broker", "serve", "--port", str(port), "--log-level", "warning",
-            "--grpc-listen", f"127.0.0.1:{grpc_port}", "--heartbeat-seconds", "15"]
-    if nats_url:
-        argv += ["--nats", nats_url, "--nats-stream", stream, "--nats-subject-prefix",
-                 stream.lower()]
-    process = spawn(SERVER_CORE, argv)
-    wait_port(port)
+    def start(ports: list[int]) -> subprocess.Popen[Any]:
+        port, grpc_port = ports
+        argv = [PYTHON, "-m", "broker", "serve", "--port", str(port), "--log-level", "warning",
+                "--grpc-listen", f"127.0.0.1:{grpc_port}", "--heartbeat-seconds", "15"]
+        if nats_url:
+            argv += ["--nats", nats_url, "--nats-stream", stream, "--nats-subject-prefix",
+                     stream.lower()]
+        return spawn(SERVER_CORE, argv)
+
+    process, (port, grpc_port) = start_listening(start, 2)
     return Target(name, process, port, grpc_port=grpc_port)
 
 
 def start_starlette() -> Target:
-    port = free_port()
-    argv = [PYTHON, "-m", "uvicorn", "--factory", "bench.baselines:starlette_app", "--port",
-            str(port), "--log-level", "warning", "--no-access-log"]
-    process = spawn(SERVER_CORE, argv)
-    wait_port(port)
+    def start(ports: list[int]) -> subprocess.Popen[Any]:
+        return spawn(SERVER_CORE, [PYTHON, "-m", "uvicorn", "--factory",
+                                   "bench.baselines:starlette_app", "--port", str(ports[0]),
+                                   "--log-level", "warning", "--no-access-log"])
+
+    process, (port,) = start_listening(start, 1)
     return Target("starlette", process, port)
 
 
@@ -143,26 +181,27 @@ def nats_binary() -> str:
 
 
 def start_nats(name: str = "nats-server", jetstream: bool = False) -> Target:
-    port, ws_port = free_port(), free_port()
-    config = Path(tempfile.mkdtemp(prefix="bench-nats-")) / "nats.conf"
-    config.write_text(
-        f'listen: "127.0.0.1:{port}"\nwebsocket {{ listen: "127.0.0.1:{ws_port}"\n'
-        f"  no_tls: true }}\n"
-        + (f'jetstream {{ store_dir: "{config.parent}" }}\n' if jetstream else "")
-    )
-    process = spawn(SERVER_CORE, [nats_binary(), "-c", str(config)],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port)
-    wait_port(ws_port)
+    def start(ports: list[int]) -> subprocess.Popen[Any]:
+        port, ws_port = ports
+        config = Path(tempfile.mkdtemp(prefix="bench-nats-")) / "nats.conf"
+        config.write_text(
+            f'listen: "127.0.0.1:{port}"\nwebsocket {{ listen: "127.0.0.1:{ws_port}"\n'
+            f"  no_tls: true }}\n"
+            + (f'jetstream {{ store_dir: "{config.parent}" }}\n' if jetstream else "")
+        )
+        return spawn(SERVER_CORE, [nats_binary(), "-c", str(config)],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    process, (port, ws_port) = start_listening(start, 2)
     return Target(name, process, port, ws_port=ws_port)
 
 
 def start_trivial(events_per_write: int = 0) -> Target:
-    port = free_port()
-    argv = [PYTHON, "-m", "bench.baselines", "trivial", "--port", str(port),
-            "--events-per-write", str(events_per_write)]
-    process = spawn(SERVER_CORE, argv)
-    wait_port(port)
+    def start(ports: list[int]) -> subprocess.Popen[Any]:
+        return spawn(SERVER_CORE, [PYTHON, "-m", "bench.baselines", "trivial", "--port",
+                                   str(ports[0]), "--events-per-write", str(events_per_write)])
+
+    process, (port,) = start_listening(start, 1)
     return Target("trivial", process, port)
 
 
