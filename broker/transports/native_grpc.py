@@ -182,6 +182,20 @@ class Writer:
             self._queue.extend(parts)
         self._wake.set()
 
+    def send_frame(self, head: bytes, data: bytes, total: int) -> None:
+        """`send` of ``head + data`` (``total`` bytes) while not `blocked`: the router's case,
+        without the checks and sums a list of parts needs (~0.2 us of ~1 us per write)."""
+        if self.broken:
+            return
+        try:
+            sent = os.writev(self._fd, (head, data))
+        except OSError:  # would block, or the peer is gone (`run` will say which)
+            sent = 0
+        if sent != total:
+            self._queue.append((head + data)[sent:])
+            self.blocked = True
+            self._wake.set()
+
     async def run(self) -> None:
         while True:
             await self._wake.wait()
@@ -234,11 +248,12 @@ class StreamSink:
         """The router's case, in one step: one message in one DATA frame, written now (inline,
         not `_send_framed`: this runs once per subscriber per batch)."""
         size = len(data) + 5
-        if size > self._credit or size > self._max_frame or self._writer.blocked:
+        writer = self._writer
+        if size > self._credit or size > self._max_frame or writer.blocked:
             # more credit, split into frames, or declined (a closed sink has no credit)
             return self._write_messages((data,))
         self._credit -= size
-        self._writer.send((_HEADS.pack(size << 8, 0, self._stream_id, 0, len(data)), data))
+        writer.send_frame(_HEADS.pack(size << 8, 0, self._stream_id, 0, len(data)), data, size + 9)
         return True
 
     def write_nowait_many(self, frames: Sequence[bytes]) -> bool:

@@ -82,6 +82,7 @@ class Peer:
             call.sink = native_grpc.StreamSink(self.server, stream_id)
             self.sinks.append(call.sink)
         self.received = {1 + 2 * n: 0 for n in range(streams)}
+        self.data = {1 + 2 * n: bytearray() for n in range(streams)}
         self.to_client()
 
     def to_server(self) -> None:
@@ -100,6 +101,7 @@ class Peer:
             for event in self.client.receive_data(data):
                 if isinstance(event, h2.events.DataReceived):
                     self.received[event.stream_id] += event.flow_controlled_length
+                    self.data[event.stream_id] += event.data
         self.to_server()
 
     def close(self) -> None:
@@ -159,5 +161,36 @@ async def test_credit_is_given_back_when_a_stream_ends_or_the_window_shrinks() -
         peer.to_client()
         assert written == 10
         assert peer.received == {1: 100, 3: 1000}
+    finally:
+        peer.close()
+
+
+async def test_a_write_the_socket_takes_in_part_is_finished_by_the_writer_intact() -> None:
+    peer = Peer({WINDOW: 2**31 - 1, FRAME: 2**24 - 1}, 2**31 - 1, streams=1)
+    try:
+        (sink,) = peer.sinks
+        peer._ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        writer = peer.server.writer
+        accepted = 0
+        for n in range(10_000):  # until the socket takes a frame in part: the writer has the rest
+            if not sink.write_nowait(b"%07d" % n + b"x" * 993):
+                break
+            accepted += 1
+        # blocked from the first frame the socket took in part (not later, when the credit ran
+        # out): nothing may be written around the rest while the writer holds it
+        assert writer.blocked and 0 < accepted * 1005 < 256 * 1024
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            with trio.fail_after(5):
+                while peer.received[1] < accepted * 1005:
+                    peer.to_client()
+                    await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+        assert not writer.blocked
+        data = bytes(peer.data[1])
+        assert len(data) == accepted * 1005
+        for n in range(accepted):  # every message whole, in order
+            message = data[n * 1005 : (n + 1) * 1005]
+            assert message[:5] == b"\x00\x00\x00\x03\xe8" and message[5:12] == b"%07d" % n
     finally:
         peer.close()
