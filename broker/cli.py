@@ -13,6 +13,7 @@ import trio
 
 from broker import __version__
 from broker.config import ConfigError, Settings, load_settings
+from broker.errors import StartupError
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -80,7 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from broker.server import serve_until_signalled
 
         logs.configure(settings.log_level, settings.log_format)
-        trio.run(serve_until_signalled, settings)
+        try:
+            trio.run(serve_until_signalled, settings)
+        except BaseExceptionGroup as group:  # (raised inside nurseries, so in a group)
+            startup, rest = group.split(StartupError)
+            if startup is None or rest is not None:
+                raise
+            for error in _leaves(startup):
+                print(f"broker: {error}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "cluster":
         from broker import cluster
@@ -89,6 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from broker.client import cli as client_cli
 
     return client_cli.run(args)
+
+
+def _leaves(group: BaseExceptionGroup[StartupError]) -> list[StartupError]:
+    out: list[StartupError] = []
+    for error in group.exceptions:
+        out.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
+    return out
 
 
 def _bench(argv: list[str]) -> int:

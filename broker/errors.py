@@ -110,6 +110,11 @@ def problem_document(error: RequestError | Unavailable, instance: str) -> tuple[
     return error.problem.status, document.encode()
 
 
+class StartupError(BrokerError):
+    """The server cannot start (a port it must listen on is taken, say): ``broker serve`` says so
+    in one line and exits 1."""
+
+
 class ClosedError(BrokerError):
     """The resource was closed by us (a closed subscription, log or connection)."""
 

@@ -23,6 +23,7 @@ from broker.backplane.base import Log
 from broker.backplane.memory import MemoryLog
 from broker.backplane.nats import JetStreamLog
 from broker.config import Settings
+from broker.errors import StartupError
 from broker.node import Node
 from broker.transports.asgi import create_app
 from broker.transports.cors import with_cors
@@ -117,7 +118,11 @@ class Server:
         async def serve_http(*, task_status: trio.TaskStatus[str]) -> None:
             config = hypercorn_config(self.settings)
             settings = self.settings
-            sock = listen(settings.host, settings.port, backlog=settings.listen_backlog)
+            try:
+                sock = listen(settings.host, settings.port, backlog=settings.listen_backlog)
+            except OSError as exc:
+                address = f"{settings.host}:{settings.port}"
+                raise StartupError(f"cannot listen on {address}: {exc}") from None
             try:
                 await serve_asgi(
                     wrap_app(cast(Any, app), config.wsgi_max_body_size, "asgi"),

@@ -35,7 +35,7 @@ from grpc_reflection.v1alpha import reflection
 
 from broker._pb import broker_pb2 as pb2
 from broker.backplane.base import AppendResult
-from broker.errors import Problem, RequestError, Unavailable
+from broker.errors import Problem, RequestError, StartupError, Unavailable
 from broker.model import AppendRequest, Reset, parse_position
 from broker.node import Node
 from broker.subscription import CloseReason, Subscription
@@ -212,12 +212,12 @@ class GrpcServer:
             self._loop = loop
             listen_on = "127.0.0.1:0" if settings.native_grpc else settings.grpc_listen
             address: str = await trio_asyncio.aio_as_trio(self._aio_start, loop=loop)(listen_on)
-            if settings.native_grpc:
-                self._channel = await trio_asyncio.aio_as_trio(self._aio_channel, loop=loop)(
-                    address
-                )
-                address = await nursery.start(self._serve_native)
-            try:
+            try:  # from here on grpc.aio's server is stopped on the way out, whatever happens
+                if settings.native_grpc:
+                    self._channel = await trio_asyncio.aio_as_trio(self._aio_channel, loop=loop)(
+                        address
+                    )
+                    address = await nursery.start(self._serve_native)
                 task_status.started(address)
                 serving = None
                 while True:  # health follows readiness: draining, backplane down
@@ -236,7 +236,7 @@ class GrpcServer:
         try:
             sock = listen(host, int(port), backlog=settings.listen_backlog)
         except OSError as exc:
-            raise Unavailable(f"cannot listen for gRPC on {settings.grpc_listen}: {exc}") from None
+            raise StartupError(f"cannot listen for gRPC on {settings.grpc_listen}: {exc}") from None
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         limit = settings.max_payload_bytes + 64 * 1024
         keepalive = (settings.grpc_keepalive_seconds, settings.grpc_keepalive_timeout_seconds)
@@ -306,9 +306,12 @@ class GrpcServer:
             server,
         )
         host, _, port = listen_on.rpartition(":")
-        bound = server.add_insecure_port(f"{host}:{port}")
+        try:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:  # newer grpcio raise where older ones return 0
+            raise StartupError(f"cannot listen for gRPC on {listen_on}: {exc}") from None
         if not bound:
-            raise Unavailable(f"cannot listen for gRPC on {listen_on}")
+            raise StartupError(f"cannot listen for gRPC on {listen_on}")
         await server.start()
         self._server = server
         address = f"{host}:{bound}"

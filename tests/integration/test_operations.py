@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 import httpx
+import pytest
 import trio
 
 from broker.server import Running
@@ -132,6 +134,28 @@ async def test_the_process_serves_and_stops_on_sigterm(tmp_path: object) -> None
             process.kill()
     messages = [json.loads(line)["message"] for line in logs.splitlines() if line.startswith(b"{")]
     assert messages[-3:] == ["draining", "drained", "stopped"]
+
+
+@pytest.mark.parametrize("taken", ["port", "grpc-listen"])
+async def test_a_port_in_use_stops_the_process_with_one_line(taken: str) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    argv = [sys.executable, "-m", "broker", "serve", "--port", "0", "--grpc-listen",
+            "127.0.0.1:0", "--log-level", "warning"]
+    argv[argv.index(f"--{taken}") + 1] = str(port) if taken == "port" else f"127.0.0.1:{port}"
+    try:
+        with trio.fail_after(30):
+            done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True,
+                                          check=False)
+    finally:
+        holder.close()
+    assert done.returncode == 1
+    what = "" if taken == "port" else " for gRPC"
+    assert done.stderr.decode().splitlines() == [
+        f"broker: cannot listen{what} on 127.0.0.1:{port}: [Errno 98] Address already in use"
+    ]
 
 
 async def test_a_long_poll_in_flight_is_answered_when_the_node_drains(
