@@ -612,6 +612,41 @@ async def test_native_closes_a_connection_that_does_not_answer_its_ping(
 
 
 @NATIVE_ONLY
+async def test_native_does_not_ping_a_connection_while_a_subscribe_stream_is_open(
+    start_broker: StartBroker,
+) -> None:
+    """The stream's heartbeats, and TCP_USER_TIMEOUT, find a peer that is gone; once the stream
+    has ended, the connection is pinged (and closed: this peer never answers)."""
+    node = await start_broker(
+        grpc_keepalive_seconds=0.3, grpc_keepalive_timeout_seconds=0.3, **GRPC
+    )
+    assert node.grpc is not None
+    host, _, port = node.grpc.rpartition(":")
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, grpc_headers("/broker.v1.Broker/Subscribe"))
+    client.send_data(1, message(pb2.SubscribeRequest(topics=["k"]).SerializeToString()),
+                     end_stream=True)
+    received: list[h2.events.Event] = []
+    async with await trio.open_tcp_stream(host, int(port)) as connection:
+        await connection.send_all(client.data_to_send())
+        closed = False
+        with trio.move_on_after(1.5):  # five keep-alive periods
+            while data := await connection.receive_some(65536):
+                received.extend(client.receive_data(data))
+            closed = True
+        assert not closed
+        assert not any(isinstance(event, h2.events.PingReceived) for event in received)
+        assert any(isinstance(event, h2.events.ResponseReceived) for event in received)
+        client.reset_stream(1)
+        await connection.send_all(client.data_to_send())  # (no PING has come to be answered)
+        with trio.fail_after(5):
+            while data := await connection.receive_some(65536):
+                received.extend(client.receive_data(data))
+    assert any(isinstance(event, h2.events.PingReceived) for event in received)
+
+
+@NATIVE_ONLY
 async def test_native_a_connection_that_fails_leaves_the_others_served(
     node: Running, stub: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
