@@ -591,10 +591,11 @@ async def test_native_passes_metadata_and_deadlines_to_grpc_aio(native_node: Run
 
 
 
-@NATIVE_ONLY
-async def test_native_closes_a_connection_that_does_not_answer_its_ping(
+async def _keepalive_peer(
     start_broker: StartBroker,
-) -> None:
+) -> tuple[str, int, h2.connection.H2Connection]:
+    """A node that pings after 0.3 s of silence and closes 0.3 s later, and an h2 client for it
+    (its preface queued) that is never made to answer a PING."""
     node = await start_broker(
         grpc_keepalive_seconds=0.3, grpc_keepalive_timeout_seconds=0.3, **GRPC
     )
@@ -602,8 +603,16 @@ async def test_native_closes_a_connection_that_does_not_answer_its_ping(
     host, _, port = node.grpc.rpartition(":")
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     client.initiate_connection()
+    return host, int(port), client
+
+
+@NATIVE_ONLY
+async def test_native_closes_a_connection_that_does_not_answer_its_ping(
+    start_broker: StartBroker,
+) -> None:
+    host, port, client = await _keepalive_peer(start_broker)
     received: list[h2.events.Event] = []
-    async with await trio.open_tcp_stream(host, int(port)) as connection:
+    async with await trio.open_tcp_stream(host, port) as connection:
         await connection.send_all(client.data_to_send())  # and nothing more: no PING answer
         with trio.fail_after(5):
             while data := await connection.receive_some(65536):
@@ -617,18 +626,12 @@ async def test_native_does_not_ping_a_connection_while_a_subscribe_stream_is_ope
 ) -> None:
     """The stream's heartbeats, and TCP_USER_TIMEOUT, find a peer that is gone; once the stream
     has ended, the connection is pinged (and closed: this peer never answers)."""
-    node = await start_broker(
-        grpc_keepalive_seconds=0.3, grpc_keepalive_timeout_seconds=0.3, **GRPC
-    )
-    assert node.grpc is not None
-    host, _, port = node.grpc.rpartition(":")
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
+    host, port, client = await _keepalive_peer(start_broker)
     client.send_headers(1, grpc_headers("/broker.v1.Broker/Subscribe"))
     client.send_data(1, message(pb2.SubscribeRequest(topics=["k"]).SerializeToString()),
                      end_stream=True)
     received: list[h2.events.Event] = []
-    async with await trio.open_tcp_stream(host, int(port)) as connection:
+    async with await trio.open_tcp_stream(host, port) as connection:
         await connection.send_all(client.data_to_send())
         closed = False
         with trio.move_on_after(1.5):  # five keep-alive periods
