@@ -83,8 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.configure(settings.log_level, settings.log_format)
         try:
             trio.run(serve_until_signalled, settings)
-        except StartupError as error:
-            print(f"broker: {error}", file=sys.stderr)
+        except StartupError as exc:
+            print(f"broker: {exc}", file=sys.stderr)
             return 1
         except BaseExceptionGroup as group:  # (raised inside nurseries, so in a group)
             startup, rest = group.split(StartupError)
