@@ -165,35 +165,26 @@ class Writer:
 
     def send(self, parts: Sequence[bytes | memoryview]) -> None:
         """Write now what the socket takes; the rest goes out next, before anything else."""
-        if self.broken:
-            return
-        if not self.blocked:
-            if len(parts) > _MAX_IOVEC:
-                parts = (b"".join(parts),)
-            try:
-                sent = os.writev(self._fd, parts)
-            except OSError:  # would block, or the peer is gone (`run` will say which)
-                sent = 0
-            total = sum(map(len, parts))
-            if sent == total:
-                return
-            self._queue.append(b"".join(parts)[sent:])
-            self.blocked = True
-        else:
+        if self.blocked:  # (never once broken: `run` unblocks as it breaks)
             self._queue.extend(parts)
-        self._wake.set()
+            self._wake.set()
+            return
+        if len(parts) > _MAX_IOVEC:
+            parts = (b"".join(parts),)
+        self.send_now(parts, sum(map(len, parts)))
 
-    def send_frame(self, head: bytes, data: bytes, total: int) -> None:
-        """`send` of ``head + data`` (``total`` bytes) while not `blocked`: the router's case,
-        without the checks and sums a list of parts needs (~0.3 us of ~1.1 us per write)."""
+    def send_now(self, parts: Sequence[bytes | memoryview], total: int) -> None:
+        """`send` while not `blocked`, of at most `_MAX_IOVEC` parts whose ``total`` size the
+        caller knows: the router's one-frame write calls it directly (~0.3 us of ~1.1 us per
+        write saved)."""
         if self.broken:
             return
         try:
-            sent = os.writev(self._fd, (head, data))
+            sent = os.writev(self._fd, parts)
         except OSError:  # would block, or the peer is gone (`run` will say which)
             sent = 0
         if sent != total:
-            self._queue.append((head + data)[sent:])
+            self._queue.append(b"".join(parts)[sent:])
             self.blocked = True
             self._wake.set()
 
@@ -254,7 +245,7 @@ class StreamSink:
             # more credit, split into frames, or declined (a closed sink has no credit)
             return self._write_messages((data,))
         self._credit -= size
-        writer.send_frame(_HEADS.pack(size << 8, 0, self._stream_id, 0, len(data)), data, size + 9)
+        writer.send_now((_HEADS.pack(size << 8, 0, self._stream_id, 0, len(data)), data), size + 9)
         return True
 
     def write_nowait_many(self, frames: Sequence[bytes]) -> bool:

@@ -141,9 +141,11 @@ _EVENT_LINE = _EVENT_JSON + b"\n"
 
 def event_json(event: Event) -> bytes:
     """The event's NDJSON object, compact, without the newline (keys as docs/protocol.md)."""
-    usual = splice_usual(_EVENT_JSON, event)
-    if usual is not None:
-        return usual
+    return splice_usual(_EVENT_JSON, event) or event_json_steps(event)
+
+
+def event_json_steps(event: Event) -> bytes:
+    """`event_json` step by step: for any event (the encoders try `splice_usual` first)."""
     head = b'{"seq":%d,"topic":%s,"time":%d' % (
         event.seq,
         topic_json(event.topic),
@@ -163,10 +165,8 @@ def event_json(event: Event) -> bytes:
 
 
 def encode_event(event: Event) -> bytes:
-    usual = splice_usual(_EVENT_LINE, event)  # the newline in the same step: no second copy
-    if usual is not None:
-        return usual
-    return event_json(event) + b"\n"
+    # the newline in the same step as the rest: no second copy
+    return splice_usual(_EVENT_LINE, event) or event_json_steps(event) + b"\n"
 
 
 def encode_control(type: str, **fields: object) -> bytes:

@@ -29,7 +29,7 @@ from broker.wire.ndjson import (
     TEXT_CONTENT_TYPE,
     checked_publish,
     dumps_compact,
-    event_json,
+    event_json_steps,
     loads_strict,
     splice_usual,
 )
@@ -66,10 +66,7 @@ _EVENT_JSON = b'{"type":"event","seq":%d,"topic":%b,"time":%d,"data":%b}'
 
 def encode_event_json(event: Event) -> bytes:
     # The NDJSON object with "type" first: one set of data rules for every transport.
-    usual = splice_usual(_EVENT_JSON, event)
-    if usual is not None:
-        return usual
-    return b'{"type":"event",' + event_json(event)[1:]
+    return splice_usual(_EVENT_JSON, event) or b'{"type":"event",' + event_json_steps(event)[1:]
 
 
 def encode_event_msgpack(event: Event) -> bytes:
