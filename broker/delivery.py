@@ -80,6 +80,11 @@ class Framing:
         # receive limit); one frame bigger than that is still one write.
         self.max_joined_bytes = max_joined_bytes
 
+    def fits(self, run: Run) -> bool:
+        """Whether ``run``'s joined bytes may go out as one write (else `render` cuts them)."""
+        limit = self.max_joined_bytes
+        return limit is None or len(run.joined(self.fmt)) <= limit
+
     def render(self, sub: Subscription, items: Sequence[Item | Event]) -> list[bytes]:
         fmt = self.fmt
         frames: list[bytes] = []
@@ -95,9 +100,9 @@ class Framing:
                 frames.append(self._gap(sub, item))
             else:
                 frames.append(self._reset(sub, item))
+        if self.joined and self.max_joined_bytes is not None:
+            return self._chunks(sub, items, frames)  # even one run may be over the limit
         if self.joined and len(frames) > 1:
-            if self.max_joined_bytes is not None:
-                return self._chunks(sub, items, frames)
             return [b"".join(frames)]
         return frames
 
@@ -314,15 +319,16 @@ class Outlet:
         socket would not take it (the frames are then queued for the writer, first)."""
         items = sub.take()
         first = items[0]
-        if len(items) == 1 and type(first) is Run and self.framing.joined:
-            data = first.joined(self.framing.fmt)  # the common case: one run, one buffer
+        framing = self.framing
+        if len(items) == 1 and type(first) is Run and framing.joined and framing.fits(first):
+            data = first.joined(framing.fmt)  # the common case: one run, one buffer
             delivered = len(first.events)
             written = sink.write_nowait(data)
             if not written:
                 self._greetings.append(data)
             self.last_write = self.hub.now  # a run is pushed by the router, inside `route`
         else:
-            frames = self.framing.render(sub, items)
+            frames = framing.render(sub, items)
             delivered = sum(len(i.events) for i in items if isinstance(i, Run))
             written = sink.write_nowait_many(frames)
             if not written:

@@ -6,6 +6,7 @@ The test's client is grpcio's blocking API, run in worker threads, as `broker.cl
 from __future__ import annotations
 
 import itertools
+import json
 import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -436,6 +437,26 @@ async def test_reflection_lists_the_services(node: Running) -> None:
         (answer,) = await call(lambda: list(reflection.ServerReflectionInfo(iter([request]))))
     names = {s.name for s in answer.list_services_response.service}
     assert {"broker.v1.Broker", "grpc.health.v1.Health"} <= names
+
+
+async def test_a_run_bigger_than_a_message_may_be_arrives_in_messages_that_fit(
+    node: Running, stub: Any
+) -> None:
+    """Six events of ~900 KB published together are one run of 5.4 MB for the router; each
+    `Delivery` stays within 1 MiB (a grpcio client refuses a message over 4 MiB by default)."""
+    texts = [str(i) * 900_000 for i in range(6)]
+    async with stream(stub.Subscribe(pb2.SubscribeRequest(topics=["big"]))) as feed:
+        await wait_for(lambda: len(feed.deliveries) >= 1)  # subscribed
+        async with httpx.AsyncClient(base_url=node.url) as http:
+            response = await http.post(
+                "/v1/publish",
+                content="\n".join(json.dumps({"topic": "big", "data": t}) for t in texts),
+                headers={"Content-Type": "application/x-ndjson"},
+            )
+            assert response.status_code == 200, response.text
+        await feed.wait_events(6, seconds=20)
+    assert [payload for _, _, payload in feed.events] == [t.encode() for t in texts]
+    assert max(delivery.ByteSize() for delivery in feed.deliveries) <= 1024 * 1024 + 1024
 
 
 # -- the native listener (transports/native_grpc.py) -------------------------------------------
