@@ -57,7 +57,9 @@ class Format:
 class Run:
     """Consecutive events of one topic, in seq order, with their frames encoded once per format."""
 
-    __slots__ = ("_frames", "_joined", "events", "first_seq", "last_seq", "nbytes", "topic")
+    __slots__ = (
+        "_frames", "_joined", "_wired", "events", "first_seq", "last_seq", "nbytes", "topic"
+    )
 
     def __init__(self, topic: str, events: Sequence[Event]) -> None:
         self.topic = topic
@@ -68,6 +70,7 @@ class Run:
         self.nbytes = sum(event_size(e) for e in events)
         self._frames: dict[Format, list[bytes]] = {}
         self._joined: dict[Format, bytes] = {}
+        self._wired: dict[tuple[Format, Callable[[bytes], list[bytes]]], bytes] = {}
 
     def frames(self, fmt: Format) -> list[bytes]:
         """One frame per event (for message-oriented transports: WebSocket, gRPC)."""
@@ -82,6 +85,15 @@ class Run:
         if data is None:
             frames = self.frames(fmt)
             data = self._joined[fmt] = frames[0] if len(frames) == 1 else b"".join(frames)
+        return data
+
+    def wired(self, fmt: Format, frame: Callable[[bytes], list[bytes]]) -> bytes:
+        """`joined`, framed by ``frame`` (an HTTP chunk's head and tail) into one buffer, once
+        for every subscriber whose connection frames it the same way."""
+        key = (fmt, frame)
+        data = self._wired.get(key)
+        if data is None:
+            data = self._wired[key] = b"".join(frame(self.joined(fmt)))
         return data
 
     def after(self, seq: int) -> Run:

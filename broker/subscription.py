@@ -91,6 +91,9 @@ class Subscription:
         self.buffer_bytes = buffer_bytes
         self.policy = policy
         self.wake: Callable[[], None] = _nothing  # set by the writer: called when there is work
+        # Set by a writer that can write a run from the router's task, when nothing is queued:
+        # True when it wrote the run (and counted it), False when it did nothing.
+        self.direct: Callable[[Subscription, Run], bool] | None = None
         self._items: list[Item] = []  # a deque costs 624 bytes even when empty
         self._tail = position  # the highest seq queued (dedupes what is routed twice)
         self.pending_events = 0
@@ -107,6 +110,9 @@ class Subscription:
             return
         if run.first_seq <= self._tail:
             run = run.after(self._tail)
+        if self.direct is not None and not self._items and self.direct(self, run):
+            self.position = self._tail = run.last_seq  # as `take` would, with nothing left
+            return
         count = len(run.events)
         # An empty buffer always takes one run: runs are shared by every subscriber (this costs
         # no memory of its own), and a batch bigger than the buffer must not overflow a reader

@@ -34,6 +34,7 @@ import wsproto
 import wsproto.events as wse
 from wsproto.connection import ConnectionType
 
+from broker.encoding import Format, Run
 from broker.transports import native_publish
 from broker.wire import ws
 
@@ -139,9 +140,26 @@ class NativeSink:
             return self.write_nowait(frames[0])
         return self.writev_nowait([part for data in frames for part in self.frame(data)])
 
+    def write_run(self, run: Run, fmt: Format) -> bool:
+        """A routed run, now or not at all: its bytes are framed once for every connection that
+        frames them alike (the router's case, once per subscriber per batch)."""
+        return self.send_nowait(run.wired(fmt, self.frame))
+
+    def send_nowait(self, data: bytes) -> bool:
+        """These bytes, as they are, in one write now; False (nothing written) when the socket
+        would block or a write is in progress. The sink finishes a partial write."""
+        if self._pending or (self._lock is not None and self._lock.locked()):
+            return False
+        try:
+            sent = os.write(self._fd, data)
+        except OSError:  # would block, or the peer is gone (the async write will say so)
+            return False
+        if sent < len(data):
+            self._pending = data[sent:]
+        return True
+
     def writev_nowait(self, parts: Sequence[bytes]) -> bool:
-        """These bytes, as they are, in one ``writev`` now; False (nothing written) when the
-        socket would block or a write is in progress. The sink finishes a partial write."""
+        """`send_nowait` of these pieces, in one ``writev``."""
         if self._pending or (self._lock is not None and self._lock.locked()):
             return False
         if len(parts) > _MAX_IOVEC:
@@ -159,7 +177,7 @@ class NativeSink:
 
     async def write_raw(self, data: bytes) -> None:
         """Bytes as they are (a response head, a WebSocket handshake or close), in order."""
-        if self.writev_nowait((data,)):
+        if self.send_nowait(data):
             if self._pending:
                 await self.flush()
             return
@@ -195,7 +213,10 @@ class PreframedSink:
         self._sink = sink
 
     def write_nowait(self, data: bytes) -> bool:
-        return self._sink.writev_nowait((data,))
+        return self._sink.send_nowait(data)
+
+    def write_run(self, run: Run, fmt: Format) -> bool:
+        return self._sink.send_nowait(run.joined(fmt))
 
     def write_nowait_many(self, frames: Sequence[bytes]) -> bool:
         return self._sink.writev_nowait(frames)

@@ -34,6 +34,7 @@ import h2.exceptions
 import h2.settings
 import trio
 
+from broker.encoding import Format, Run
 from broker.transports.native import _MAX_IOVEC
 
 logger = logging.getLogger("broker.grpc")
@@ -250,6 +251,9 @@ class StreamSink:
 
     def write_nowait_many(self, frames: Sequence[bytes]) -> bool:
         return self._write_messages(frames)
+
+    def write_run(self, run: Run, fmt: Format) -> bool:
+        return self.write_nowait(run.joined(fmt))
 
     def _write_messages(self, messages: Sequence[bytes]) -> bool:
         """Several messages, or one over the frame size: all now in DATA frames, or nothing."""

@@ -16,7 +16,7 @@ import trio.testing
 
 from broker.backplane.memory import MemoryLog
 from broker.delivery import Framing, Heartbeats, Outlet, Router
-from broker.encoding import Format
+from broker.encoding import Format, Run
 from broker.hub import Hub
 from broker.model import AppendRequest, Event, Filter, Gap
 from broker.node import Framings
@@ -279,6 +279,189 @@ async def test_message_framing_writes_one_frame_per_event_through_the_fast_path(
     await broker.publish(["a", "a", "b"])
     await sink.wait_for_seq(3)
     assert sink.writes == [b"1\n", b"2\n", b"3\n"]  # a message transport: one frame each
+
+
+class RawSocketSink(FakeSink):
+    """A `DirectSink`, as a raw socket's: written from the router's task (``write_run``) when
+    the socket has room. ``full``: it has none (nothing written; the writer's awaited ``write``
+    waits for ``gate``). ``room``: the next write takes only that many bytes, the rest is
+    ``pending`` until the writer calls ``flush``."""
+
+    def __init__(self, gate: trio.Event | None = None) -> None:
+        super().__init__(gate)
+        self.full = False
+        self.room: int | None = None
+        self.unsent = b""
+        self.from_router = 0  # runs written by `write_run`
+
+    def _record(self, data: bytes) -> None:
+        self.writes.append(data)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def write_nowait(self, data: bytes) -> bool:
+        if self.full or self.unsent:
+            return False
+        if self.room is not None:
+            data, self.unsent, self.room = data[: self.room], data[self.room :], None
+        self._record(data)
+        return True
+
+    def write_nowait_many(self, frames: Sequence[bytes]) -> bool:
+        """Every frame, or nothing (recorded apart: they are messages to a gRPC client)."""
+        if self.full or self.unsent or self.room is not None:
+            return False
+        for frame in frames:
+            self._record(frame)
+        return True
+
+    def write_run(self, run: Run, fmt: Format) -> bool:
+        written = self.write_nowait(run.joined(fmt))
+        self.from_router += written
+        return written
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.unsent)
+
+    async def flush(self) -> None:
+        await self.write(b"")  # waits for ``gate`` as the awaited write does
+        self.writes.pop()
+        unsent, self.unsent = self.unsent, b""
+        self._record(unsent)
+
+
+async def test_a_raw_sockets_only_subscription_is_written_by_the_router(
+    open_broker: OpenBroker, nursery: trio.Nursery
+) -> None:
+    broker = await open_broker()
+    sink = RawSocketSink()
+    delivered: list[int] = []
+    outlet = Outlet(
+        hub=broker.hub, log=broker.log, sink=sink, framing=FRAMING, transport="test",
+        heartbeat=None, page_events=100, on_delivered=lambda transport, n: delivered.append(n),
+    )
+    sub = broker.subscribe(["a"])
+    outlet.attach(sub)
+    Running(nursery, outlet)
+    await trio.testing.wait_all_tasks_blocked()
+
+    for batch in (["a"] * 3, ["b", "a"], ["a"]):
+        await broker.publish(batch)
+        await trio.testing.wait_all_tasks_blocked()
+    assert sink.writes == [b"1\n2\n3\n", b"5\n", b"6\n"]
+    assert sink.from_router == 3  # each one write, from the router's task
+    assert (sub.position, sub.delivered_events, sub.has_pending) == (6, 5, False)
+    assert delivered == [3, 1, 1]
+
+
+async def test_a_full_socket_leaves_the_run_to_the_writer_in_order(
+    open_broker: OpenBroker, nursery: trio.Nursery
+) -> None:
+    broker = await open_broker()
+    gate = trio.Event()
+    sink = RawSocketSink(gate)
+    outlet = broker.outlet(sink)
+    sub = broker.subscribe(["a"])
+    outlet.attach(sub)
+    Running(nursery, outlet)
+    await trio.testing.wait_all_tasks_blocked()
+
+    sink.full = True
+    for _ in range(3):
+        await broker.publish(["a", "a"])
+        await trio.testing.wait_all_tasks_blocked()
+    assert sink.blocked and sink.writes == []  # the writer waits in the awaited write
+    assert sink.from_router == 0
+
+    sink.full = False
+    gate.set()
+    await sink.wait_for_seq(6)
+    assert sink.seqs() == [1, 2, 3, 4, 5, 6]
+    assert (sub.position, sub.delivered_events) == (6, 6)
+    await trio.testing.wait_all_tasks_blocked()
+    await broker.publish(["a"])  # the writer parked again: the router writes
+    await sink.wait_for_seq(7)
+    assert sink.from_router == 1
+
+
+async def test_a_partial_write_is_finished_before_anything_else(
+    open_broker: OpenBroker, nursery: trio.Nursery
+) -> None:
+    broker = await open_broker()
+    gate = trio.Event()
+    sink = RawSocketSink(gate)
+    outlet = broker.outlet(sink)
+    sub = broker.subscribe(["a"])
+    outlet.attach(sub)
+    Running(nursery, outlet)
+    await trio.testing.wait_all_tasks_blocked()
+
+    sink.room = 3
+    await broker.publish(["a"] * 3)
+    await trio.testing.wait_all_tasks_blocked()
+    assert sink.writes == [b"1\n2"] and sink.blocked  # the writer flushes "\n3\n", slowly
+    assert sub.position == 3  # the sink has the rest: the run is the writer's no more
+    await broker.publish(["a"])  # routed while that is pending: it waits its turn
+    await trio.testing.wait_all_tasks_blocked()
+    assert sink.writes == [b"1\n2"] and sub.has_pending
+
+    gate.set()
+    await sink.wait_for_seq(4)
+    assert sink.writes == [b"1\n2", b"\n3\n", b"4\n"]
+    assert sink.from_router == 1
+
+
+async def test_only_an_outlets_single_subscription_is_written_by_the_router(
+    open_broker: OpenBroker, nursery: trio.Nursery
+) -> None:
+    broker = await open_broker()
+    sink = RawSocketSink()
+    outlet = broker.outlet(sink)
+    first, second = broker.subscribe(["a"]), broker.subscribe(["b"])
+    second.id = "s2"
+    outlet.attach(first)
+    assert first.direct is not None
+    outlet.attach(second)  # two subscriptions share the socket: each run goes through a buffer
+    assert first.direct is None and second.direct is None
+    Running(nursery, outlet)
+    await trio.testing.wait_all_tasks_blocked()
+    await broker.publish(["a", "b"])
+    await sink.wait_for_seq(2)
+    assert sink.from_router == 0
+
+    outlet.detach("s2")
+    assert first.direct is not None and second.direct is None
+    await broker.publish(["a"])
+    await sink.wait_for_seq(3)
+    assert sink.seqs() == [1, 2, 3] and sink.from_router == 1
+
+
+@pytest.mark.parametrize("subscriptions", [1, 2])
+async def test_a_run_over_the_framings_limit_is_cut_into_writes_that_fit(
+    open_broker: OpenBroker, nursery: trio.Nursery, subscriptions: int
+) -> None:
+    """gRPC's limit: a `Delivery` must fit the client's receive limit, however many events
+    the router routed at once (one subscription: written by the router; two: by `_write_now`)."""
+    broker = await open_broker()
+    sink = RawSocketSink()
+    framing = Framing(FRAMING.fmt, gap=FRAMING._gap, reset=FRAMING._reset, joined=True,
+                      max_joined_bytes=4)
+    outlet = broker.outlet(sink, framing=framing)
+    outlet.attach(broker.subscribe(["a"]))
+    if subscriptions == 2:
+        second = broker.subscribe(["b"])
+        second.id = "s2"
+        outlet.attach(second)
+    Running(nursery, outlet)
+    await trio.testing.wait_all_tasks_blocked()
+
+    await broker.publish(["a"] * 5)
+    await sink.wait_for_seq(5)
+    assert sink.writes == [b"1\n2\n", b"3\n4\n", b"5\n"]  # three messages, one write
+    await broker.publish(["a"] * 2)  # this run fits: one message
+    await sink.wait_for_seq(7)
+    assert sink.writes[-1] == b"6\n7\n"
 
 
 async def test_close_releases_every_subscription(

@@ -111,6 +111,25 @@ def test_joined_of_one_event_is_its_frame() -> None:
     assert fmt.calls == [1]
 
 
+def test_wired_frames_the_joined_bytes_once_per_format_and_framing() -> None:
+    fmt, other = CountingFormat(), CountingFormat("other")
+    (run,) = split_runs(make_events(["a"] * 2))
+    framed: list[list[bytes]] = []
+
+    def chunk(data: bytes) -> list[bytes]:
+        framed.append([data])
+        return [b"%x\r\n" % len(data), data, b"\r\n"]
+
+    def bare(data: bytes) -> list[bytes]:
+        return [data]
+
+    wired = [run.wired(fmt, chunk) for _subscriber in range(100)]
+    assert wired[0] == b"8\r\na:1\na:2\n\r\n"
+    assert all(w is wired[0] for w in wired) and len(framed) == 1 and fmt.calls == [1, 2]
+    assert run.wired(fmt, bare) == run.joined(fmt)
+    assert run.wired(other, chunk) == wired[0] and len(framed) == 2  # another format's bytes
+
+
 def test_each_format_encodes_once_and_formats_do_not_mix() -> None:
     sse, ndjson = CountingFormat("sse"), CountingFormat("ndjson")
     # Same name, another instance (e.g. a new epoch): compared by identity, so encoded anew.
