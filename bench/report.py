@@ -55,8 +55,14 @@ def markdown(record: dict[str, Any]) -> str:
             if _retried(record["results"])
             else ""
         ),
-        "",
     ]
+    stolen = _stolen_steps(record["results"])
+    if stolen is not None:
+        lines.append(
+            f"- {stolen} failed step{'s were' if stolen != 1 else ' was'} run again because "
+            f"the hypervisor took more than 5 % of a core during {'them' if stolen != 1 else 'it'}"
+            " (`steal` in /proc/stat; every step's share of each core is in the JSON)")
+    lines.append("")
     results = record["results"]
     if "capacity" in results:
         cap = results["capacity"]
@@ -280,6 +286,21 @@ def write(record: dict[str, Any], out: Path) -> list[Path]:
         shutil.copyfile(path, latest)
         paths.append(latest)
     return paths
+
+
+def _stolen_steps(results: Any) -> int | None:
+    """How many steps were run again for steal; None for records that did not measure it
+    (before 2026-11-22 12:00 UTC)."""
+    if isinstance(results, dict):
+        if "steal_percent" in results:
+            return int(bool(results.get("stolen")))
+        counts = [_stolen_steps(value) for value in results.values()]
+    elif isinstance(results, list):
+        counts = [_stolen_steps(value) for value in results]
+    else:
+        return None
+    known = [count for count in counts if count is not None]
+    return sum(known) if known else None
 
 
 def _retried(results: Any) -> bool:

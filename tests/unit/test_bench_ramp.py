@@ -118,3 +118,43 @@ def test_a_failed_step_is_tried_again_and_holds_if_the_next_two_pass(
     assert result["best"]["rate"] == (200.0 if held else 100.0)  # a try that passed at a
     # rate that did not hold is not the result
     assert rates[-1] == (400.0 if held else 200.0)
+
+
+@pytest.mark.parametrize(
+    ("tries", "runs", "held"),
+    [
+        ("S P", 2, True),  # failed with steal: run again, and that one counts
+        ("S S S S F", 5, False),  # run again three times at most, then the failure counts
+        ("X F", 2, False),  # failed with little stolen: the usual retry rule
+        ("Y", 1, True),  # passed with much stolen: it counts
+    ],
+)
+def test_a_step_failed_while_the_host_stole_a_core_is_run_again(
+        monkeypatch: pytest.MonkeyPatch, tries: str, runs: int, held: bool) -> None:
+    """At 200 msg/s: S failed with 30 % of a core stolen, X failed with 2 %, Y passed with 30 %,
+    P passed, F failed (no steal)."""
+    script = tries.split()
+    rates: list[float] = []
+    waits: list[float] = []
+
+    def step(target: object, subs: object, rate: float, seconds: float, **kw: Any) -> run.Step:
+        rates.append(rate)
+        kind = script.pop(0) if rate == 200.0 else ("P" if rate < 200.0 else "F")
+        steal = {"S": 30.0, "X": 2.0, "Y": 30.0}.get(kind, 0.0)
+        return run.Step(rate=rate, subscribers=1, published=1, received=1, lost=0, seconds=1.0,
+                        delivered_per_second=round(rate),
+                        latency={"p99_ms": 10.0 if kind in "PY" else 100.0},
+                        server_cpu_percent=0.0, server_rss_mb=0.0, publish_rate=rate,
+                        steal_percent={"cpu0": steal, "cpu1": 0.0})
+
+    monkeypatch.setattr(run, "step", step)
+    monkeypatch.setattr(run, "log", lambda message: None)
+    monkeypatch.setattr(run, "wait_until_quiet", lambda: waits.append(1.0) or 1.0)
+    result = run.ramp(None, None, mode="x", start_rate=100.0, seconds=1.0,  # type: ignore[arg-type]
+                      factor=2.0, max_steps=16, label="t", refine=0)
+    assert rates.count(200.0) == runs and not script
+    at_200 = [s for s in result["steps"] if s["rate"] == 200.0]
+    assert [s["stolen"] for s in at_200] == [k == "S" and i < 3 for i, k in
+                                            enumerate(tries.split())]
+    assert len(waits) == sum(s["stolen"] for s in at_200)
+    assert result["best"]["rate"] == (200.0 if held else 100.0)
