@@ -290,7 +290,7 @@ def write(record: dict[str, Any], out: Path) -> list[Path]:
 
 def _stolen_steps(results: Any) -> int | None:
     """How many steps were run again for steal; None for records that did not measure it
-    (before 2026-11-22 12:00 UTC)."""
+    (before 2026-11-22 11:00 UTC)."""
     if isinstance(results, dict):
         if "steal_percent" in results:
             return int(bool(results.get("stolen")))

@@ -40,7 +40,7 @@ PYTHON = sys.executable
 SERVER_CORE, LOAD_CORE = "0", "1"
 # A failed step during which the hypervisor took more than this share of either core is run
 # again, at most `STEAL_RETRIES` times (this VM's host lends its cores to other guests: minutes
-# with 14-44 % stolen).
+# with 6-44 % of a core stolen).
 STEAL_LIMIT_PERCENT = 5.0
 STEAL_RETRIES = 3
 P99_BUDGET_MS = 50.0
@@ -469,9 +469,9 @@ def unstolen_step(target: Target, subs: Subscribers, rate: float, seconds: float
                   label: str, note: str = "", **kw: Any) -> list[Step]:
     """`step`, run again once the machine is quiet if it failed while the hypervisor took more
     than `STEAL_LIMIT_PERCENT` of either core (at most `STEAL_RETRIES` times): such a step
-    measured the host's other tenants, not the server (p99 85-170 ms at 1,000 subscribers with
-    14-44 % stolen, against 26-45 ms without). Every step run is returned, the last one counts;
-    the others are marked ``stolen``."""
+    measured the host's other tenants, not the server (at 1,000 SSE subscribers: p99 31-168 ms
+    with 6-44 % of a core stolen, 21-31 ms with under 3 %). Every step run is returned, the last
+    one counts; the others are marked ``stolen``."""
     taken: list[Step] = []
     while True:
         result = step(target, subs, rate, seconds, **kw)
