@@ -67,6 +67,7 @@ DEFAULT_CONTENT_TYPE = "application/octet-stream"
 PUBLISH_TIMEOUT_SECONDS = 5.0
 DEEP_READ_TIMEOUT_SECONDS = 5.0
 STREAM_SETUP_SECONDS = 60.0  # how long a starting node waits for JetStream to take its stream
+HALF_MADE_SECONDS = 5.0  # how long it waits for a stream that exists and is not found
 
 
 class Window:
@@ -380,7 +381,11 @@ class JetStreamLog:
         )
         self.connected = True
         self._js = self._nc.jetstream()
-        info = await self._aio_ensure_stream()
+        try:
+            info = await self._aio_ensure_stream()
+        except Unavailable:  # the node will not start: leave nothing open behind it
+            await self._nc.close()
+            raise
         self._epoch = _epoch_of(info)
         self._learn(info)
         self._last_seq = info.state.last_seq
@@ -392,27 +397,41 @@ class JetStreamLog:
 
     async def _aio_ensure_stream(self) -> StreamInfo:
         """Create the stream, or adopt it with our limits. A NATS cluster that is still electing
-        its JetStream leaders refuses for a while, and so may a node racing us: retry."""
-        delay, deadline = 0.1, asyncio.get_running_loop().time() + STREAM_SETUP_SECONDS
+        its JetStream leaders refuses for a while (503): retried until `STREAM_SETUP_SECONDS`.
+        A node racing us may have the stream half made, so that it exists for `add_stream` and is
+        not found for `update_stream` (seen with three nodes starting together on a 3-server
+        cluster): retried for `HALF_MADE_SECONDS`. After that, or for any other refusal,
+        `add_stream`'s reason is final (e.g. the subjects overlap another stream's)."""
+        now = asyncio.get_running_loop().time
+        deadline, half_made_until = now() + STREAM_SETUP_SECONDS, now() + HALF_MADE_SECONDS
+        delay = 0.1
         while True:
+            error: Exception
             try:
                 try:
                     info: StreamInfo = await self._js.add_stream(self._config)
-                except BadRequestError:  # it exists with other limits: adopt it, with ours
-                    info = await self._js.update_stream(self._config)
-                return info
+                    return info
+                except BadRequestError as refused:  # it exists with other limits: adopt it
+                    try:
+                        info = await self._js.update_stream(self._config)
+                        return info
+                    except NotFoundError as exc:  # half made by a node racing us, or refused
+                        if now() > half_made_until:
+                            raise Unavailable(
+                                f"JetStream refused the stream: {refused.description}"
+                            ) from exc
+                        error = exc
+            except ServiceUnavailableError as exc:
+                error = exc
             except APIError as exc:
-                if not isinstance(exc, ServiceUnavailableError):  # a refusal, not a transient
-                    raise Unavailable(f"JetStream refused the stream: {exc.description}") from exc
-                if asyncio.get_running_loop().time() > deadline:
-                    raise Unavailable(f"cannot create or adopt the stream: {exc!r}") from exc
-                logger.warning("stream not ready yet", extra={"error": repr(exc)})
+                raise Unavailable(f"JetStream refused the stream: {exc.description}") from exc
             except (NatsError, TimeoutError) as exc:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise Unavailable(f"cannot create or adopt the stream: {exc!r}") from exc
-                logger.warning("stream not ready yet", extra={"error": repr(exc)})
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 2.0)
+                error = exc
+            if now() > deadline:
+                raise Unavailable(f"cannot create or adopt the stream: {error!r}") from error
+            logger.warning("stream not ready yet", extra={"error": repr(error)})
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
 
     async def _aio_refollow(self) -> None:
         delay = 0.1

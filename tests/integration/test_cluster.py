@@ -12,6 +12,7 @@ import trio
 import trio_asyncio
 
 from broker.backplane.nats import JetStreamLog
+from broker.errors import Unavailable
 from broker.server import Running
 from tests.integration.clients import TRANSPORTS, Item, subscribe, wait_for
 from tests.integration.conftest import StartBroker
@@ -323,3 +324,26 @@ async def test_retention_by_age_on_the_servers_clock(
     async with subscribe(running.url, "ndjson", ["a"], from_seq=0) as feed:
         assert await feed.next() == Item("gap", 1, to_seq=3)
         assert (await feed.next()).data == b"fresh"
+
+
+async def test_a_stream_whose_subjects_another_stream_holds_is_refused_with_the_reason(
+    start_broker: StartBroker, nats_server: NatsServer
+) -> None:
+    """JetStream answers such a stream's creation "subjects overlap" (400), and its update "not
+    found" (404), which is also what a stream half made by a racing node gets: the node waits
+    a few seconds for that, then fails with the first answer's reason."""
+    settings = cluster_settings(nats_server, "squatted")
+
+    async def squat() -> None:
+        client = await nats.connect(nats_server.url)
+        await client.jetstream().add_stream(
+            name=f"SQUATTER{settings['nats_stream']}",
+            subjects=[f"{settings['nats_subject_prefix']}.>"],
+        )
+        await client.close()
+
+    async with trio_asyncio.open_loop():
+        await trio_asyncio.aio_as_trio(squat)()
+    with trio.fail_after(30), pytest.raises(BaseException) as caught:
+        await start_broker(**settings)
+    assert caught.group_contains(Unavailable, match="JetStream refused the stream: .*overlap")
