@@ -331,6 +331,17 @@ class RawSocketSink(FakeSink):
         self._record(unsent)
 
 
+async def serve(broker: Broker, nursery: trio.Nursery, sink: FakeSink,
+                framing: Framing = FRAMING) -> Subscription:
+    """One subscription to "a" on an outlet writing to ``sink``, its writer parked."""
+    outlet = broker.outlet(sink, framing=framing)
+    sub = broker.subscribe(["a"])
+    outlet.attach(sub)
+    Running(nursery, outlet)
+    await trio.testing.wait_all_tasks_blocked()
+    return sub
+
+
 async def test_a_raw_sockets_only_subscription_is_written_by_the_router(
     open_broker: OpenBroker, nursery: trio.Nursery
 ) -> None:
@@ -361,11 +372,7 @@ async def test_a_full_socket_leaves_the_run_to_the_writer_in_order(
     broker = await open_broker()
     gate = trio.Event()
     sink = RawSocketSink(gate)
-    outlet = broker.outlet(sink)
-    sub = broker.subscribe(["a"])
-    outlet.attach(sub)
-    Running(nursery, outlet)
-    await trio.testing.wait_all_tasks_blocked()
+    sub = await serve(broker, nursery, sink)
 
     sink.full = True
     for _ in range(3):
@@ -391,11 +398,7 @@ async def test_a_partial_write_is_finished_before_anything_else(
     broker = await open_broker()
     gate = trio.Event()
     sink = RawSocketSink(gate)
-    outlet = broker.outlet(sink)
-    sub = broker.subscribe(["a"])
-    outlet.attach(sub)
-    Running(nursery, outlet)
-    await trio.testing.wait_all_tasks_blocked()
+    sub = await serve(broker, nursery, sink)
 
     sink.room = 3
     await broker.publish(["a"] * 3)
