@@ -60,7 +60,8 @@ def markdown(record: dict[str, Any]) -> str:
     if stolen is not None:
         lines.append(
             f"- {stolen} failed step{'s were' if stolen != 1 else ' was'} run again because "
-            f"the hypervisor took more than 5 % of a core during {'them' if stolen != 1 else 'it'}"
+            f"the hypervisor took more than {record.get('steal_limit_percent', 5.0):g} % of a "
+            f"core during {'them' if stolen != 1 else 'it'}"
             " (`steal` in /proc/stat; every step's share of each core is in the JSON)")
     lines.append("")
     results = record["results"]

@@ -358,7 +358,6 @@ def step(target: Target, subs: Subscribers, rate: float, seconds: float, *, mode
     elapsed = time.monotonic() - start
     cpu = target.cpu_seconds() - cpu0
     load_cpu = _cpu(load) - load0
-    steal = _share(ticks0, core_ticks(), (7,))
     report = subs.command("report")
     return Step(
         rate=rate, subscribers=subs.n, published=sent["published"],
@@ -368,7 +367,7 @@ def step(target: Target, subs: Subscribers, rate: float, seconds: float, *, mode
         server_rss_mb=round(target.rss() / 2**20, 1),
         load_cpu_percent=round(100 * load_cpu / elapsed, 1),
         publish_rate=round(publish_rate, 1),
-        steal_percent={f"cpu{core}": steal[f"cpu{core}"] for core in (SERVER_CORE, LOAD_CORE)},
+        steal_percent=stolen_since(ticks0),
     )
 
 
@@ -493,8 +492,7 @@ def wait_until_quiet(most_seconds: float = 120.0) -> float:
     while time.monotonic() - start < most_seconds:
         before = core_ticks()
         time.sleep(2.0)
-        steal = _share(before, core_ticks(), (7,))
-        if all(steal[f"cpu{core}"] < 1.0 for core in (SERVER_CORE, LOAD_CORE)):
+        if max(stolen_since(before).values()) < 1.0:
             break
     return time.monotonic() - start
 
@@ -1123,6 +1121,13 @@ def _share(a: dict[str, list[int]], b: dict[str, list[int]],
     return shares
 
 
+def stolen_since(before: dict[str, list[int]]) -> dict[str, float]:
+    """The share of the servers' core and of the load's that the hypervisor stole since
+    ``before`` (a `core_ticks`)."""
+    steal = _share(before, core_ticks(), (7,))
+    return {f"cpu{core}": steal[f"cpu{core}"] for core in (SERVER_CORE, LOAD_CORE)}
+
+
 def cores_busy(seconds: float = 1.0) -> tuple[dict[str, float], dict[str, float]]:
     """Each core's busy share over ``seconds`` (another load skews results), and the share the
     hypervisor stole (part of the busy share), from /proc/stat."""
@@ -1158,7 +1163,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(), "command": " ".join(["broker bench", *(argv or sys.argv[1:])]),
         "plan": args.plan, "complete": complete, "machine": machine(),
-        "plan_detail": plan.__dict__, "results": {}}
+        "plan_detail": plan.__dict__, "steal_limit_percent": STEAL_LIMIT_PERCENT, "results": {}}
     busy, stolen = cores_busy()
     record["machine"]["cores_busy_before_percent"] = busy
     record["machine"]["cores_stolen_before_percent"] = stolen
